@@ -1,0 +1,16 @@
+// The op schemas of the fastattn._C extension.
+//
+// Every op is declared once here (TORCH_LIBRARY); the CPU and CUDA implementations register themselves in
+// csrc/cpu/<op>.cpp and csrc/cuda/<op>.cpp (TORCH_LIBRARY_IMPL) and PyTorch's dispatcher picks by device.
+// The Python tier (fastattn/ops/<op>.py) wraps these in torch.library custom ops with fake kernels,
+// autograd and backend selection.
+#include <torch/library.h>
+
+TORCH_LIBRARY(fastattn_C, m) {
+  // x: (D0, D1, D2, N), unit stride over N; mask: None or (D0, D1, D2, N), any strides, bool/x.dtype/float32.
+  // Returns softmax (or log-softmax) of z = x * scale + mask over N as a contiguous (D0, D1, D2, N) tensor;
+  // causal masks column j of row i2 when j > i2 + N - D2.
+  m.def("softmax_forward(Tensor x, Tensor? mask, float scale, bool causal, bool log) -> Tensor");
+  // grad: (R, N), unit stride over N; out: contiguous (R, N), the forward's output. Returns dx (R, N).
+  m.def("softmax_backward(Tensor grad, Tensor out, float scale, bool log) -> Tensor");
+}

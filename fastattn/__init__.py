@@ -1,0 +1,23 @@
+"""fastattn: fused PyTorch kernels (Triton, CUDA C++, C++ CPU) behind drop-in functions and modules.
+
+Importing never fails for want of the compiled extension: backends that need it report why they are
+unavailable (``python -m fastattn.info``).
+"""
+
+from fastattn import backends, reference
+from fastattn.backends import BackendError, backend, record
+from fastattn.nn import Softmax
+from fastattn.ops.softmax import log_softmax, softmax
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BackendError",
+    "Softmax",
+    "backend",
+    "backends",
+    "log_softmax",
+    "record",
+    "reference",
+    "softmax",
+]

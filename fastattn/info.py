@@ -1,0 +1,67 @@
+"""``python -m fastattn.info``: versions, devices, and which backends can run here and why not."""
+
+from __future__ import annotations
+
+import platform
+
+import torch
+
+import fastattn
+from fastattn import backends
+
+
+def _triton_version() -> str:
+    try:
+        import triton  # noqa: PLC0415
+    except ImportError:
+        return "not installed"
+    return triton.__version__
+
+
+def devices() -> list[torch.device]:
+    found = [torch.device("cpu")]
+    if torch.cuda.is_available():
+        found.append(torch.device("cuda"))
+    return found
+
+
+def report() -> dict:
+    """A dict describing this installation: versions, build, and per device each backend's status."""
+    module, reason = backends.extension()
+    return {
+        "fastattn": fastattn.__version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "triton": _triton_version(),
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        "triton_interpreter": backends.triton_interpreting(),
+        "forced": backends.forced(),
+        "extension": module.build_info() if module is not None else {"error": reason},
+        "backends": {
+            str(device): {name: backends.unavailable_reason(name, device) for name in backends.PRIORITY[device.type]}
+            for device in devices()
+        },
+    }
+
+
+def main() -> None:
+    info = report()
+    print(f"fastattn {info['fastattn']}  python {info['python']}  torch {info['torch']} (CUDA {info['torch_cuda']})"
+          f"  triton {info['triton']}")
+    print(f"GPU: {info['gpu'] or 'none visible'}    Triton interpreter: {'on' if info['triton_interpreter'] else 'off'}"
+          f"    forced backend: {','.join(info['forced']) if info['forced'] else 'none'}")
+    ext = info["extension"]
+    if "error" in ext:
+        print(f"fastattn._C: not loaded: {ext['error']}")
+    else:
+        cuda = f"CUDA kernels for {ext['cuda_archs']}" if ext["cuda"] else f"no CUDA kernels ({ext['cuda_status']})"
+        print(f"fastattn._C: loaded, C++ CPU kernels, {cuda}")
+    for device, statuses in info["backends"].items():
+        print(f"\n{device} tensors, in priority order:")
+        for name, why in statuses.items():
+            print(f"  {name:<10} {'available' if why is None else 'not available: ' + why}")
+
+
+if __name__ == "__main__":
+    main()

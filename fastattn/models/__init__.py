@@ -1,0 +1,1 @@
+"""Full models assembled from fastattn modules (added by the model issues)."""

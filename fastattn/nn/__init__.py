@@ -1,0 +1,5 @@
+"""Drop-in modules: same constructor, state_dict and results as their torch.nn twins."""
+
+from fastattn.nn.softmax import Softmax
+
+__all__ = ["Softmax"]

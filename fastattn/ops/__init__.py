@@ -1,0 +1,1 @@
+"""Ops: torch.library registration (schema, fake kernel, autograd) and backend selection, one file per op."""

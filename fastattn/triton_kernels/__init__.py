@@ -1,0 +1,1 @@
+"""Triton kernels, one file per op. Importing this package needs triton; fastattn imports it lazily."""
