@@ -3,6 +3,8 @@
 import math
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 import torch
 
 import fastattn
@@ -207,3 +209,28 @@ def test_deterministic(backend_device):
     _, device = backend_device
     x = torch.randn(8, 333, device=device)
     assert torch.equal(fastattn.softmax(x), fastattn.softmax(x))
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    leading=st.lists(st.integers(1, 4), min_size=0, max_size=4),
+    n=st.integers(1, 300),
+    mask_dims=st.integers(0, 3),
+    causal=st.booleans(),
+    log=st.booleans(),
+    permute=st.booleans(),
+    data=st.data(),
+)
+def test_fuzz_shapes_strides_masks(backend_device, leading, n, mask_dims, causal, log, permute, data):
+    """Random ranks, sizes, dim orders and broadcast masks against the float64 reference."""
+    _, device = backend_device
+    shape = tuple(leading) + (n,)
+    causal = causal and len(shape) >= 2
+    x = torch.randn(shape, device=device)
+    if permute and len(leading) >= 2:
+        order = data.draw(st.permutations(range(len(leading))))
+        x = x.permute(*order, len(leading)).contiguous().permute(*[order.index(i) for i in range(len(leading))], -1)
+    mask_shape = tuple(s if data.draw(st.booleans()) else 1 for s in shape[len(shape) - min(mask_dims, len(shape)):])
+    mask = torch.rand(mask_shape, device=device) > 0.2 if mask_dims else None
+    out = run(x, log, mask=mask, scale=0.9, causal=causal)
+    assert_close(out, reference.softmax(x.double(), mask, 0.9, causal, log), atol=3e-6)
