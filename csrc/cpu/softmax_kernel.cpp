@@ -25,7 +25,12 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 #include <vector>
+
+#if defined(__GNUC__) && defined(__x86_64__)
+#include <immintrin.h>
+#endif
 
 #if defined(__GNUC__)
 // Helpers are forced inline so that each target clone of an entry point compiles its own copy of them.
@@ -140,58 +145,121 @@ struct KeepMask {  // -inf where the one-byte bool mask is 0
   }
 };
 
-// A row with no finite z (every z is -inf or NaN): 0 (log-softmax: -inf), or NaN if some z is NaN.
-// Rare, so not inlined into the vectorised entry points.
-template <class T, class C>
-void store_masked_row(const C* z, int64_t valid, int64_t n, bool log, T* y) {
-  bool has_nan = false;
-  for (int64_t j = 0; j < valid; ++j) has_nan |= std::isnan(z[j]);
-  const C fill = has_nan ? std::numeric_limits<C>::quiet_NaN() : log ? -std::numeric_limits<C>::infinity() : C(0);
-  std::fill(y, y + n, static_cast<T>(fill));
+// Reduced-precision rows (half, bfloat16) are converted to float scratch rows before the kernels and back
+// after them, so that the kernels below only see the compute type. Half uses the CPU's F16C instructions when
+// it has them (g++ does not vectorise half conversions itself), else c10's portable conversion.
+#if defined(__GNUC__) && defined(__x86_64__)
+bool cpu_has_f16c() {
+  static const bool has = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx") && __builtin_cpu_supports("f16c");
+  }();
+  return has;
 }
 
-// Forward of one row.
-//   x:     the row's n inputs (unit stride)
+__attribute__((target("avx,f16c"))) void convert_row_f16c(const c10::Half* src, float* dst, int64_t n) {
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8) {
+    _mm256_storeu_ps(dst + j, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + j))));
+  }
+  for (; j < n; ++j) dst[j] = static_cast<float>(src[j]);
+}
+
+__attribute__((target("avx,f16c"))) void convert_row_f16c(const float* src, c10::Half* dst, int64_t n) {
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8) {
+    const __m128i h = _mm256_cvtps_ph(_mm256_loadu_ps(src + j), _MM_FROUND_TO_NEAREST_INT);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + j), h);
+  }
+  for (; j < n; ++j) dst[j] = static_cast<c10::Half>(src[j]);
+}
+#else
+bool cpu_has_f16c() { return false; }
+template <class From, class To> void convert_row_f16c(const From*, To*, int64_t) {}
+#endif
+
+template <class From, class To>
+FASTATTN_INLINE void convert_row(const From* __restrict src, To* __restrict dst, int64_t n) {
+  if constexpr (std::is_same_v<From, c10::Half> || std::is_same_v<To, c10::Half>) {
+    if (cpu_has_f16c()) return convert_row_f16c(src, dst, n);
+  }
+  for (int64_t j = 0; j < n; ++j) dst[j] = static_cast<To>(src[j]);
+}
+
+// Where a row of T meets the kernels: compute-type rows are used in place, reduced-precision rows are staged
+// through scratch.
+template <class T>
+class RowStage {
+ public:
+  using C = compute_t<T>;
+  static constexpr bool kStaged = !std::is_same_v<T, C>;
+  explicit RowStage(int64_t n) : scratch_(kStaged ? 3 * n : 0), n_(n) {}
+  // Row `which` (0, 1) of an input as compute-type values.
+  FASTATTN_INLINE const C* load(const T* src, int which) {
+    if constexpr (kStaged) {
+      C* dst = scratch_.data() + which * n_;
+      convert_row(src, dst, n_);
+      return dst;
+    } else {
+      return src;
+    }
+  }
+  // Where the kernel writes an output row dst; then store(dst) puts it in place.
+  FASTATTN_INLINE C* output(T* dst) {
+    if constexpr (kStaged) return scratch_.data() + 2 * n_;
+    else return dst;
+  }
+  FASTATTN_INLINE void store(T* dst) {
+    if constexpr (kStaged) convert_row(scratch_.data() + 2 * n_, dst, n_);
+  }
+
+ private:
+  std::vector<C> scratch_;
+  int64_t n_;
+};
+
+// Forward of one row, in the compute type C.
+//   x:     the row's n inputs
 //   mask:  mask policy already moved to this row
 //   valid: columns [valid, n) are causally masked (valid = n without a causal mask)
-//   z:     scratch for n compute-type values
 //   y:     the row's n outputs
-template <class T, class Mask>
-FASTATTN_INLINE void forward_row(const T* __restrict x, Mask mask, compute_t<T> scale, int64_t n, int64_t valid,
-                                 bool log, compute_t<T>* __restrict z, T* __restrict y) {
-  using C = compute_t<T>;
+// Pass 1 finds m = max z; pass 2 writes exp(z - m) (log-softmax: z - m) to y while summing s = sum exp(z - m);
+// pass 3 scales y by 1 / s (log-softmax: subtracts log s). z is recomputed from x rather than stored: x is in
+// L1 after pass 1, and pass 2's stores to y (cache misses when y is the output) then overlap the exp work.
+template <class C, class Mask>
+FASTATTN_INLINE void forward_row(const C* __restrict x, Mask mask, C scale, int64_t n, int64_t valid, bool log,
+                                 C* __restrict y) {
   constexpr C kInf = std::numeric_limits<C>::infinity();
-  // Pass 1: z and its max. The max skips NaN, but a NaN z still poisons s below.
-  const C m = lane_reduce(valid, -kInf, MaxOp{}, [&](int64_t j) FASTATTN_INLINE_LAMBDA {
-    const C v = mask.apply(static_cast<C>(x[j]) * scale, j);
-    z[j] = v;
-    return v;
-  });
-  if (m == -kInf) return store_masked_row(z, valid, n, log, y);
-  // Pass 2: s = sum exp(z - m), which is NaN if any z is NaN or +inf (then m = +inf and inf - inf = NaN).
-  // Pass 3: the outputs, and the causally masked tail.
-  if (log) {
-    const C s = lane_reduce(valid, C(0), SumOp{}, [&](int64_t j) FASTATTN_INLINE_LAMBDA { return exp_of(z[j] - m); });
-    const C log_s = std::log(s);
-    for (int64_t j = 0; j < valid; ++j) y[j] = static_cast<T>((z[j] - m) - log_s);
-    std::fill(y + valid, y + n, static_cast<T>(-kInf));
-  } else {
-    const C s = lane_reduce(valid, C(0), SumOp{}, [&](int64_t j) FASTATTN_INLINE_LAMBDA {
-      const C e = exp_of(z[j] - m);
-      z[j] = e;
-      return e;
-    });
-    const C inv_s = C(1) / s;
-    for (int64_t j = 0; j < valid; ++j) y[j] = static_cast<T>(z[j] * inv_s);
-    std::fill(y + valid, y + n, static_cast<T>(C(0)));
+  const auto z = [&](int64_t j) FASTATTN_INLINE_LAMBDA { return mask.apply(x[j] * scale, j); };
+  // The max skips NaN, but a NaN (or +inf, through inf - inf) z still makes s NaN below.
+  const C m = lane_reduce(valid, -kInf, MaxOp{}, z);
+  if (m == -kInf) {  // no finite z: every z is -inf (a fully masked row), or some are NaN
+    bool has_nan = false;
+    for (int64_t j = 0; j < valid; ++j) has_nan |= std::isnan(z(j));
+    std::fill(y, y + n, has_nan ? std::numeric_limits<C>::quiet_NaN() : log ? -kInf : C(0));
+    return;
   }
+  const C s = lane_reduce(valid, C(0), SumOp{}, [&](int64_t j) FASTATTN_INLINE_LAMBDA {
+    const C shifted = z(j) - m;
+    const C e = exp_of(shifted);
+    y[j] = log ? shifted : e;
+    return e;
+  });
+  if (log) {
+    const C log_s = std::log(s);
+    for (int64_t j = 0; j < valid; ++j) y[j] -= log_s;
+  } else {
+    const C inv_s = C(1) / s;
+    for (int64_t j = 0; j < valid; ++j) y[j] *= inv_s;
+  }
+  std::fill(y + valid, y + n, log ? -kInf : C(0));
 }
 
 // Forward of rows [begin, end) with the given mask policy (not yet moved to a row).
 template <class T, class Mask>
 FASTATTN_INLINE void forward_rows_masked(const SoftmaxForwardArgs& a, Mask mask, int64_t begin, int64_t end) {
   using C = compute_t<T>;
-  std::vector<C> z(a.n);
+  RowStage<T> stage(a.n);
   const C scale = static_cast<C>(a.scale);
   const T* x = static_cast<const T*>(a.x);
   T* out = static_cast<T*>(a.out);
@@ -201,7 +269,9 @@ FASTATTN_INLINE void forward_rows_masked(const SoftmaxForwardArgs& a, Mask mask,
     const int64_t mask_offset = i0 * a.mask_stride[0] + i1 * a.mask_stride[1] + i2 * a.mask_stride[2];
     // Causal: column j of row i2 is kept when j <= i2 + n - d2.
     const int64_t valid = a.causal ? std::clamp<int64_t>(i2 + a.n - a.d2 + 1, 0, a.n) : a.n;
-    forward_row(x_row, mask.at(mask_offset), scale, a.n, valid, a.log, z.data(), out + r * a.n);
+    T* out_row = out + r * a.n;
+    forward_row(stage.load(x_row, 0), mask.at(mask_offset), scale, a.n, valid, a.log, stage.output(out_row));
+    stage.store(out_row);
   }
 }
 
@@ -227,45 +297,36 @@ FASTATTN_INLINE void forward_rows(const SoftmaxForwardArgs& a, int64_t begin, in
   }
 }
 
-// Backward of one row: g (the incoming gradient), y (the forward's output) and dx, each n values.
-template <class T>
-FASTATTN_INLINE void softmax_backward_row(const T* __restrict g, const T* __restrict y, compute_t<T> scale,
-                                          int64_t n, T* __restrict dx) {
-  using C = compute_t<T>;
-  const C dot = lane_reduce(n, C(0), SumOp{}, [&](int64_t j) FASTATTN_INLINE_LAMBDA {
-    return static_cast<C>(g[j]) * static_cast<C>(y[j]);
-  });
-  for (int64_t j = 0; j < n; ++j) {
-    dx[j] = static_cast<T>(scale * static_cast<C>(y[j]) * (static_cast<C>(g[j]) - dot));
-  }
-}
-
-template <class T>
-FASTATTN_INLINE void log_softmax_backward_row(const T* __restrict g, const T* __restrict y, compute_t<T> scale,
-                                              int64_t n, T* __restrict dx) {
-  using C = compute_t<T>;
-  const C sum_g = lane_reduce(n, C(0), SumOp{}, [&](int64_t j) FASTATTN_INLINE_LAMBDA { return static_cast<C>(g[j]); });
-  for (int64_t j = 0; j < n; ++j) {
-    const C yj = static_cast<C>(y[j]);
-    const C dxj = scale * (static_cast<C>(g[j]) - exp_of(yj) * sum_g);
-    dx[j] = static_cast<T>(yj == -std::numeric_limits<C>::infinity() ? C(0) : dxj);  // masked: no gradient
+// Backward of one row, in the compute type C: g (the incoming gradient), y (the forward's output) and dx,
+// each n values.
+template <class C>
+FASTATTN_INLINE void backward_row(const C* __restrict g, const C* __restrict y, C scale, int64_t n, bool log,
+                                  C* __restrict dx) {
+  if (log) {
+    const C sum_g = lane_reduce(n, C(0), SumOp{}, [&](int64_t j) FASTATTN_INLINE_LAMBDA { return g[j]; });
+    for (int64_t j = 0; j < n; ++j) {
+      const C dxj = scale * (g[j] - exp_of(y[j]) * sum_g);
+      dx[j] = y[j] == -std::numeric_limits<C>::infinity() ? C(0) : dxj;  // masked: no gradient
+    }
+  } else {
+    const C dot = lane_reduce(n, C(0), SumOp{}, [&](int64_t j) FASTATTN_INLINE_LAMBDA { return g[j] * y[j]; });
+    for (int64_t j = 0; j < n; ++j) dx[j] = scale * y[j] * (g[j] - dot);
   }
 }
 
 template <class T>
 FASTATTN_INLINE void backward_rows(const SoftmaxBackwardArgs& a, int64_t begin, int64_t end) {
   using C = compute_t<T>;
+  RowStage<T> stage(a.n);
   const C scale = static_cast<C>(a.scale);
   const T* grad = static_cast<const T*>(a.grad);
   const T* out = static_cast<const T*>(a.out);
   T* grad_x = static_cast<T*>(a.grad_x);
   for (int64_t r = begin; r < end; ++r) {
-    const T* g = grad + r * a.grad_row_stride;
-    if (a.log) {
-      log_softmax_backward_row(g, out + r * a.n, scale, a.n, grad_x + r * a.n);
-    } else {
-      softmax_backward_row(g, out + r * a.n, scale, a.n, grad_x + r * a.n);
-    }
+    T* dx_row = grad_x + r * a.n;
+    backward_row(stage.load(grad + r * a.grad_row_stride, 0), stage.load(out + r * a.n, 1), scale, a.n, a.log,
+                 stage.output(dx_row));
+    stage.store(dx_row);
   }
 }
 

@@ -1,4 +1,4 @@
-// Host launchers of the CUDA softmax kernels (csrc/cuda/softmax.cu). No torch headers: the kernels take raw
+// Host launchers of the CUDA softmax kernels (csrc/cuda/softmax_kernel.cu). No torch headers: the kernels take raw
 // pointers and a stream; csrc/cuda/softmax.cpp fills the arguments from tensors and checks the result.
 #pragma once
 #include <cuda_runtime_api.h>
