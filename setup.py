@@ -103,9 +103,11 @@ def extensions():
     from torch.utils import cpp_extension  # after CUDA_HOME is settled
 
     os.environ.setdefault("MAX_JOBS", default_max_jobs())
-    cxx = ["-O3", "-fvisibility=hidden"]  # torch picks the C++ standard its headers need
+    # torch picks the C++ standard its headers need. -fopenmp: ATen's at::parallel_for is an OpenMP pragma in
+    # a header, so without it the CPU kernels would run on one thread (libgomp is the one torch loads).
+    cxx = ["-O3", "-fvisibility=hidden", "-fopenmp"]
     cpp = sources("*.cpp") + sources("cpu/*.cpp")
-    kwargs = dict(include_dirs=[str(CSRC)], extra_compile_args={"cxx": cxx})
+    kwargs = dict(include_dirs=[str(CSRC)], extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"])
     archs = ""
     if with_cuda:
         archs = os.environ.setdefault("TORCH_CUDA_ARCH_LIST", default_arch_list(torch))

@@ -71,6 +71,10 @@ def _triton_import_error() -> Optional[str]:
     return None
 
 
+def _gpu_missing() -> Optional[str]:
+    return None if torch.cuda.is_available() else "no CUDA GPU is visible to torch"
+
+
 def unavailable_reason(name: str, device: torch.device) -> Optional[str]:
     """Why backend ``name`` cannot run on ``device`` in this process, or None if it can."""
     if name == "reference":
@@ -86,13 +90,13 @@ def unavailable_reason(name: str, device: torch.device) -> Optional[str]:
             return f"fastattn._C was built without CUDA: {info['cuda_status']}"
         if device.type != "cuda":
             return f"the cuda backend runs CUDA tensors, not {device.type}"
-        return None
+        return _gpu_missing()
     if name == "triton":
         reason = _triton_import_error()
         if reason:
             return reason
         if device.type == "cuda":
-            return None
+            return _gpu_missing()
         if device.type == "cpu":
             return None if triton_interpreting() else "CPU tensors run under Triton only with TRITON_INTERPRET=1"
         return f"triton does not run {device.type} tensors"

@@ -8,6 +8,7 @@
 #include <algorithm>
 
 #include "../softmax_binding.h"
+#include "huge_pages.h"
 #include "softmax_kernel.h"
 
 namespace fastattn {
@@ -23,6 +24,7 @@ at::Tensor softmax_forward_cpu(const at::Tensor& x, const std::optional<at::Tens
                                bool log) {
   at::Tensor out;
   const SoftmaxForwardArgs args = softmax_forward_args(x, mask, scale, causal, log, out);
+  advise_huge_pages(out.data_ptr(), out.nbytes());
   at::parallel_for(0, args.rows(), row_grain(args.n),
                    [&](int64_t begin, int64_t end) { softmax_forward_cpu_rows(args, begin, end); });
   return out;
@@ -31,6 +33,7 @@ at::Tensor softmax_forward_cpu(const at::Tensor& x, const std::optional<at::Tens
 at::Tensor softmax_backward_cpu(const at::Tensor& grad, const at::Tensor& out, double scale, bool log) {
   at::Tensor grad_x;
   const SoftmaxBackwardArgs args = softmax_backward_args(grad, out, scale, log, grad_x);
+  advise_huge_pages(grad_x.data_ptr(), grad_x.nbytes());
   at::parallel_for(0, args.rows, row_grain(args.n),
                    [&](int64_t begin, int64_t end) { softmax_backward_cpu_rows(args, begin, end); });
   return grad_x;
