@@ -1,0 +1,1 @@
+"""Benchmarks of fastattn against PyTorch: ``python -m bench`` (see bench/README.md)."""
