@@ -118,6 +118,20 @@ FASTATTN_INLINE C lane_reduce(int64_t n, C init, Op op, F f) {
   return acc[0];
 }
 
+// Sum of f(0), ..., f(n - 1): lane_reduce over blocks of kSumBlock terms, the block sums added in double.
+// A lane adds at most 8 terms before its partial sum is folded in, which keeps the rounding error of long
+// mixed-sign sums (the log-softmax backward's sum of g) at or below torch's.
+template <class C, class F>
+FASTATTN_INLINE C lane_sum(int64_t n, F f) {
+  constexpr int64_t kSumBlock = 8 * kLanes<C>;
+  double total = 0;
+  for (int64_t begin = 0; begin < n; begin += kSumBlock) {
+    const int64_t count = std::min(kSumBlock, n - begin);
+    total += lane_reduce(count, C(0), SumOp{}, [&](int64_t j) FASTATTN_INLINE_LAMBDA { return f(begin + j); });
+  }
+  return static_cast<C>(total);
+}
+
 // Mask policies: at(offset) moves to a row's mask, apply(z, j) masks column j of that row. kUnit: the mask is
 // contiguous over columns (the common case, which vectorises best).
 struct NoMask {
@@ -239,7 +253,7 @@ FASTATTN_INLINE void forward_row(const C* __restrict x, Mask mask, C scale, int6
     std::fill(y, y + n, has_nan ? std::numeric_limits<C>::quiet_NaN() : log ? -kInf : C(0));
     return;
   }
-  const C s = lane_reduce(valid, C(0), SumOp{}, [&](int64_t j) FASTATTN_INLINE_LAMBDA {
+  const C s = lane_sum<C>(valid, [&](int64_t j) FASTATTN_INLINE_LAMBDA {
     const C shifted = z(j) - m;
     const C e = exp_of(shifted);
     y[j] = log ? shifted : e;
@@ -303,13 +317,13 @@ template <class C>
 FASTATTN_INLINE void backward_row(const C* __restrict g, const C* __restrict y, C scale, int64_t n, bool log,
                                   C* __restrict dx) {
   if (log) {
-    const C sum_g = lane_reduce(n, C(0), SumOp{}, [&](int64_t j) FASTATTN_INLINE_LAMBDA { return g[j]; });
+    const C sum_g = lane_sum<C>(n, [&](int64_t j) FASTATTN_INLINE_LAMBDA { return g[j]; });
     for (int64_t j = 0; j < n; ++j) {
       const C dxj = scale * (g[j] - exp_of(y[j]) * sum_g);
       dx[j] = y[j] == -std::numeric_limits<C>::infinity() ? C(0) : dxj;  // masked: no gradient
     }
   } else {
-    const C dot = lane_reduce(n, C(0), SumOp{}, [&](int64_t j) FASTATTN_INLINE_LAMBDA { return g[j] * y[j]; });
+    const C dot = lane_sum<C>(n, [&](int64_t j) FASTATTN_INLINE_LAMBDA { return g[j] * y[j]; });
     for (int64_t j = 0; j < n; ++j) dx[j] = scale * y[j] * (g[j] - dot);
   }
 }

@@ -337,7 +337,7 @@ struct ForwardRow {
     Pack<M, VEC> mv;
     if constexpr (MK != MaskKind::kNone) {
       if (whole && mask_vec) {
-        mv.template load<kStream>(mask + col0);
+        mv.template load<false>(mask + col0);  // a broadcast mask is shared by other rows: keep it cached
       } else {
         mv.clear();
 #pragma unroll
@@ -810,7 +810,9 @@ cudaError_t forward_typed(const SoftmaxForwardArgs& a, cudaStream_t stream) {
     case MaskKind::kNone: return forward_dispatch<T, MaskKind::kNone>(p, pad, stream);
     case MaskKind::kBool: return forward_dispatch<T, MaskKind::kBool>(p, pad, stream);
     case MaskKind::kSame: return forward_dispatch<T, MaskKind::kSame>(p, pad, stream);
-    case MaskKind::kFloat: return forward_dispatch<T, MaskKind::kFloat>(p, pad, stream);
+    case MaskKind::kFloat:  // a float32 mask on float32 x is the same kernel as kSame
+      if constexpr (std::is_same_v<T, float>) return forward_dispatch<T, MaskKind::kSame>(p, pad, stream);
+      else return forward_dispatch<T, MaskKind::kFloat>(p, pad, stream);
   }
   return cudaErrorInvalidValue;
 }

@@ -63,6 +63,33 @@ def test_forward(backend_device, shape, dtype, log):
     assert_error_ratio(out, *truth_and_baseline(x, log, None, 0.7, False))
 
 
+# Row lengths on both sides of every power of two up to past the CUDA kernels' register limit (16384 16-bit
+# elements), where their kernel choice changes; offsets that start rows off a 16-byte boundary.
+SWEEP_N = sorted({1, 3, 5} | {2**k + d for k in range(1, 15) for d in (-1, 0, 1)} | {32769})
+
+
+@pytest.mark.parametrize("offset", [0, 1, 3], ids=lambda o: f"offset{o}")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+def test_row_length_sweep(backend_device, dtype, offset):
+    """Forward and backward of rows sliced out of a wider tensor, at every row length of SWEEP_N."""
+    name, device = backend_device
+    if name == "triton" and device.type == "cpu":
+        pytest.skip("compiled kernels only: the Triton interpreter would take minutes (it runs the SHAPES grid)")
+    for n in SWEEP_N:
+        for log in (False, True):
+            base = torch.randn(3, n + 5, device=device).mul(2).to(dtype)
+            x = base[:, offset : offset + n].requires_grad_()  # rows start `offset` elements into base's rows
+            grad = torch.randn(3, n, device=device).to(dtype)
+            out = run(x, log, scale=0.9)
+            assert_error_ratio(out, *truth_and_baseline(x.detach(), log, None, 0.9, False), name=f"n={n} output")
+            (ours,) = torch.autograd.grad(out, x, grad)
+            x64 = x.detach().double().requires_grad_()
+            (truth,) = torch.autograd.grad(reference.softmax(x64, None, 0.9, False, log), x64, grad.double())
+            x_low = x.detach().requires_grad_()
+            (baseline,) = torch.autograd.grad(reference.softmax(x_low, None, 0.9, False, log, upcast=False), x_low, grad)
+            assert_error_ratio(ours, truth, baseline, ratio=GRADIENT_RATIO, name=f"n={n} grad x")
+
+
 @pytest.mark.parametrize("mask_kind", MASKS)
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
