@@ -140,7 +140,7 @@ def format_ms(value: float) -> str:
 
 
 def format_rate(value: float) -> str:
-    return f"{value:.0f}" if value >= 100 else f"{value:.1f}"
+    return f"{value:.0f}" if value >= 100 else f"{value:.3g}"
 
 
 def format_ratio(value: float | None) -> str:

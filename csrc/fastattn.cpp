@@ -13,4 +13,10 @@ TORCH_LIBRARY(fastattn_C, m) {
   m.def("softmax_forward(Tensor x, Tensor? mask, float scale, bool causal, bool log) -> Tensor");
   // grad: (R, N), unit stride over N; out: contiguous (R, N), the forward's output. Returns dx (R, N).
   m.def("softmax_backward(Tensor grad, Tensor out, float scale, bool log) -> Tensor");
+  // q: (B, Hq, Sq, D), k: (B, Hkv, Sk, D), v: (B, Hkv, Sk, Dv), unit stride over the last dim; mask: None or
+  // (B, Hq, Sq, Sk), any strides, bool (True = attend) / q.dtype / float32 (added); key_padding: None or
+  // (B, Sk) bool, True = padding; alibi: None or (B, Hq) float32 slopes, any strides. See csrc/attention.h.
+  // Returns out (B, Hq, Sq, Dv) contiguous in q.dtype and lse (B, Hq, Sq) float32 (float64 for float64).
+  m.def("attention_forward(Tensor q, Tensor k, Tensor v, Tensor? mask, Tensor? key_padding, Tensor? alibi, "
+        "float scale, int diagonal, int window_left, int window_right) -> (Tensor, Tensor)");
 }

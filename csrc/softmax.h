@@ -3,11 +3,9 @@
 #pragma once
 #include <cstdint>
 
-namespace fastattn {
+#include "types.h"
 
-enum class Dtype : int { kHalf, kBFloat16, kFloat, kDouble };
-// How a mask element is stored: absent, bool (one byte, nonzero = keep), same dtype as x, or float32.
-enum class MaskKind : int { kNone, kBool, kSame, kFloat };
+namespace fastattn {
 
 struct SoftmaxForwardArgs {
   const void* x;             // (d0, d1, d2, n) with strides (x_stride[0..2], 1)

@@ -3,19 +3,10 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/Optional.h>
 
+#include "binding.h"
 #include "softmax.h"
 
 namespace fastattn {
-
-inline Dtype dtype_of(const at::Tensor& t) {
-  switch (t.scalar_type()) {
-    case at::kHalf: return Dtype::kHalf;
-    case at::kBFloat16: return Dtype::kBFloat16;
-    case at::kFloat: return Dtype::kFloat;
-    case at::kDouble: return Dtype::kDouble;
-    default: TORCH_CHECK(false, "fastattn: unsupported dtype ", t.scalar_type());
-  }
-}
 
 // Validates the canonical layout documented in csrc/fastattn.cpp and allocates the output.
 inline SoftmaxForwardArgs softmax_forward_args(const at::Tensor& x, const std::optional<at::Tensor>& mask,
@@ -35,11 +26,7 @@ inline SoftmaxForwardArgs softmax_forward_args(const at::Tensor& x, const std::o
     const at::Tensor& m = *mask;
     TORCH_CHECK(m.sizes() == x.sizes(), "softmax_forward: mask must have the shape of x, got ", m.sizes());
     TORCH_CHECK(m.device() == x.device(), "softmax_forward: mask must be on ", x.device());
-    if (m.scalar_type() == at::kBool) a.mask_kind = MaskKind::kBool;
-    else if (m.scalar_type() == x.scalar_type()) a.mask_kind = MaskKind::kSame;
-    else if (m.scalar_type() == at::kFloat) a.mask_kind = MaskKind::kFloat;
-    else TORCH_CHECK(false, "softmax_forward: mask must be bool, ", x.scalar_type(), " or float32, got ",
-                     m.scalar_type());
+    a.mask_kind = mask_kind_of(m, x.scalar_type(), "softmax_forward");
     a.mask = m.data_ptr();
     for (int i = 0; i < 4; ++i) a.mask_stride[i] = m.stride(i);
   }

@@ -7,6 +7,7 @@ unavailable (``python -m fastattn.info``).
 from fastattn import backends, reference
 from fastattn.backends import BackendError, backend, record
 from fastattn.nn import Softmax
+from fastattn.ops.attention import attention, scaled_dot_product_attention
 from fastattn.ops.softmax import log_softmax, softmax
 
 __version__ = "0.1.0"
@@ -14,10 +15,12 @@ __version__ = "0.1.0"
 __all__ = [
     "BackendError",
     "Softmax",
+    "attention",
     "backend",
     "backends",
     "log_softmax",
     "record",
     "reference",
+    "scaled_dot_product_attention",
     "softmax",
 ]

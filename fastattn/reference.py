@@ -71,3 +71,149 @@ def softmax_backward(grad: Tensor, out: Tensor, scale: float = 1.0, log: bool = 
     else:
         dz = y * (g - (g * y).sum(dim=-1, keepdim=True))
     return (dz * scale).to(out.dtype)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Attention.
+# ---------------------------------------------------------------------------------------------------------
+
+
+def attention_allowed(
+    seq_q: int, seq_k: int, diagonal: int, window_left: int, window_right: int, device: torch.device
+) -> Optional[Tensor]:
+    """Bool (seq_q, seq_k), True = query i may see key j: ``i + diagonal - window_left <= j <= i + diagonal +
+    window_right``, a bound of -1 being no bound. None when neither bound is set.
+
+    ``diagonal`` is the key aligned with query i's "present": ``seq_k - seq_q`` for fastattn's causal
+    (bottom-right, as FlashAttention), 0 for SDPA's ``is_causal`` (top-left). Causal is ``window_right=0``.
+    """
+    if window_left < 0 and window_right < 0:
+        return None
+    distance = torch.arange(seq_k, device=device) - torch.arange(seq_q, device=device).unsqueeze(1) - diagonal
+    allowed = torch.ones(seq_q, seq_k, dtype=torch.bool, device=device)
+    if window_left >= 0:
+        allowed &= distance >= -window_left
+    if window_right >= 0:
+        allowed &= distance <= window_right
+    return allowed
+
+
+def alibi_bias(slopes: Tensor, seq_q: int, seq_k: int, diagonal: int) -> Tensor:
+    """ALiBi: ``-slope * |j - i - diagonal|`` as (batch or 1, heads, seq_q, seq_k) from slopes (heads,) or
+    (batch, heads), in float32 (float64 for float64 slopes)."""
+    slopes = slopes.reshape(-1, slopes.shape[-1])[:, :, None, None]
+    distance = torch.arange(seq_k, device=slopes.device) - torch.arange(seq_q, device=slopes.device)[:, None]
+    return -slopes * (distance - diagonal).abs().to(slopes.dtype)
+
+
+def attention_scores(
+    q: Tensor,
+    k: Tensor,
+    mask: Optional[Tensor] = None,
+    key_padding_mask: Optional[Tensor] = None,
+    alibi_slopes: Optional[Tensor] = None,
+    scale: float = 1.0,
+    diagonal: int = 0,
+    window_left: int = -1,
+    window_right: int = -1,
+    upcast: bool = True,
+) -> Tensor:
+    """Scores s = scale * q k^T + mask + alibi, -inf where a bool mask is False, a key is padding or the
+    window hides the key. q: (B, Hq, Sq, D); k: (B, Hkv, Sk, D) with Hkv dividing Hq (GQA); mask:
+    broadcastable to (B, Hq, Sq, Sk); key_padding_mask: (B, Sk) bool, True = padding. Returns (B, Hq, Sq, Sk)
+    in the compute dtype (q's dtype when not ``upcast``)."""
+    dtype = compute_dtype(q.dtype) if upcast else q.dtype
+    batch, heads, seq_q, _ = q.shape
+    seq_k = k.shape[-2]
+    k = k.repeat_interleave(heads // k.shape[1], dim=1)
+    s = torch.matmul(q.to(dtype), k.to(dtype).transpose(-1, -2)) * scale
+    if mask is not None:
+        s = s.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else s + mask.to(dtype)
+    if alibi_slopes is not None:
+        s = s + alibi_bias(alibi_slopes.to(dtype), seq_q, seq_k, diagonal)
+    if key_padding_mask is not None:
+        s = s.masked_fill(key_padding_mask[:, None, None, :], float("-inf"))
+    allowed = attention_allowed(seq_q, seq_k, diagonal, window_left, window_right, q.device)
+    if allowed is not None:
+        s = s.masked_fill(~allowed, float("-inf"))
+    return s
+
+
+def attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    mask: Optional[Tensor] = None,
+    key_padding_mask: Optional[Tensor] = None,
+    alibi_slopes: Optional[Tensor] = None,
+    scale: Optional[float] = None,
+    diagonal: int = 0,
+    window_left: int = -1,
+    window_right: int = -1,
+    dropout_mask: Optional[Tensor] = None,
+    dropout_p: float = 0.0,
+    upcast: bool = True,
+) -> tuple[Tensor, Tensor]:
+    """softmax(scores) v with the scores of :func:`attention_scores`; returns (out, lse).
+
+    q: (B, Hq, Sq, D); k: (B, Hkv, Sk, D); v: (B, Hkv, Sk, Dv). ``scale`` defaults to 1/sqrt(D).
+    ``dropout_mask``: bool (B, Hq, Sq, Sk), True = kept; kept probabilities are scaled by 1 / (1 - dropout_p).
+    out: (B, Hq, Sq, Dv) in q's dtype. lse: (B, Hq, Sq), the log-sum-exp of each query's scores in the
+    compute dtype (float32, float64 for float64 input). A query that sees no key gets out 0 and lse -inf.
+    Differentiable; ``upcast=False`` computes in q's dtype, as a plain PyTorch user would.
+    """
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    s = attention_scores(
+        q, k, mask, key_padding_mask, alibi_slopes, scale, diagonal, window_left, window_right, upcast
+    )
+    lse = torch.logsumexp(s, dim=-1)
+    empty = lse == float("-inf")
+    p = torch.exp(s - lse.masked_fill(empty, 0.0).unsqueeze(-1))
+    if dropout_mask is not None:
+        p = p.masked_fill(~dropout_mask, 0.0) / (1.0 - dropout_p)
+    v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
+    out = torch.matmul(p, v.to(p.dtype))
+    return out.to(q.dtype), lse
+
+
+def attention_backward(
+    grad_out: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    mask: Optional[Tensor] = None,
+    key_padding_mask: Optional[Tensor] = None,
+    alibi_slopes: Optional[Tensor] = None,
+    scale: Optional[float] = None,
+    diagonal: int = 0,
+    window_left: int = -1,
+    window_right: int = -1,
+    dropout_mask: Optional[Tensor] = None,
+    dropout_p: float = 0.0,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(dq, dk, dv) of :func:`attention`'s out for ``grad_out`` (B, Hq, Sq, Dv), recomputing the
+    probabilities P: dV = P'^T dO, dP' = dO V^T, dS = P * (dP - rowsum(dP * P)), dQ = scale dS K,
+    dK = scale dS^T Q, where P' = P * dropout_mask / (1 - p) and dP = dP' * dropout_mask / (1 - p); GQA
+    gradients are summed over the query heads that share a kv head."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    dtype = compute_dtype(q.dtype)
+    s = attention_scores(q, k, mask, key_padding_mask, alibi_slopes, scale, diagonal, window_left, window_right)
+    lse = torch.logsumexp(s, dim=-1, keepdim=True)
+    p = torch.exp(s - lse.masked_fill(lse == float("-inf"), 0.0))
+    groups = q.shape[1] // k.shape[1]
+    k_full, v_full = (t.repeat_interleave(groups, dim=1).to(dtype) for t in (k, v))
+    d_out = grad_out.to(dtype)
+    keep = None if dropout_mask is None else dropout_mask.to(dtype) / (1.0 - dropout_p)
+    p_kept = p if keep is None else p * keep
+    dv = p_kept.transpose(-1, -2) @ d_out
+    dp = d_out @ v_full.transpose(-1, -2)
+    if keep is not None:
+        dp = dp * keep
+    ds = p * (dp - (dp * p).sum(dim=-1, keepdim=True))
+    dq = (ds @ k_full) * scale
+    dk = (ds.transpose(-1, -2) @ q.to(dtype)) * scale
+
+    def per_kv_head(t: Tensor) -> Tensor:
+        return t.unflatten(1, (k.shape[1], groups)).sum(dim=2)
+
+    return dq.to(q.dtype), per_kv_head(dk).to(k.dtype), per_kv_head(dv).to(v.dtype)

@@ -1,0 +1,39 @@
+// Attention kernel arguments shared by the CPU and CUDA kernels. No torch headers: the kernel files that
+// include this compile quickly; csrc/attention_binding.h fills these from tensors.
+//
+// For query i of head h (batch b), with kv head h / (heads_q / heads_kv) (GQA):
+//   s_j = scale * q_i . k_j + mask[b, h, i, j] (float masks) + alibi, or -inf where a bool mask is 0, the key
+//         is padding, or j lies outside the window [i + diagonal - window_left, i + diagonal + window_right]
+//   alibi: -slope[b, h] * |j - i - diagonal|
+//   out_i = sum_j softmax(s)_j v_j,   lse_i = log sum_j exp(s_j)   (a query that sees no key: out 0, lse -inf)
+// Reference: fastattn/reference.py attention().
+#pragma once
+#include <cstdint>
+
+#include "types.h"
+
+namespace fastattn {
+
+struct AttentionForwardArgs {
+  const void* q;              // (batch, heads_q, seq_q, head_dim), strides q_stride (unit over head_dim)
+  const void* k;              // (batch, heads_kv, seq_k, head_dim), strides k_stride
+  const void* v;              // (batch, heads_kv, seq_k, head_dim_v), strides v_stride
+  int64_t q_stride[3], k_stride[3], v_stride[3];  // over (batch, head, seq)
+  const void* mask;           // (batch, heads_q, seq_q, seq_k), strides mask_stride (0 where broadcast)
+  int64_t mask_stride[4];
+  MaskKind mask_kind;         // kBool: nonzero = attend; kSame / kFloat: added to the scores
+  const uint8_t* key_padding; // (batch, seq_k), nonzero = padding (never attended); null for none
+  int64_t key_padding_stride[2];
+  const float* alibi;         // (batch, heads_q) slopes, strides alibi_stride (0 over batch); null for none
+  int64_t alibi_stride[2];
+  void* out;                  // contiguous (batch, heads_q, seq_q, head_dim_v), dtype of q
+  void* lse;                  // contiguous (batch, heads_q, seq_q): float32 (float64 for a float64 q)
+  int64_t batch, heads_q, heads_kv, seq_q, seq_k, head_dim, head_dim_v;
+  Dtype dtype;
+  double scale;
+  int64_t diagonal;           // the key aligned with query i is i + diagonal (causal: seq_k - seq_q or 0)
+  int64_t window_left;        // -1: unbounded
+  int64_t window_right;       // -1: unbounded; 0 with causal masking
+};
+
+}  // namespace fastattn

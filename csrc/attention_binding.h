@@ -1,0 +1,104 @@
+// Tensor checks, output allocation and argument packing for the attention ops, shared by the CPU and CUDA
+// bindings (csrc/cpu/attention.cpp, csrc/cuda/attention.cpp). Device-neutral: nothing here runs a kernel.
+#pragma once
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/util/Optional.h>
+
+#include "attention.h"
+#include "binding.h"
+
+namespace fastattn {
+
+// Validates the layout documented in csrc/fastattn.cpp (attention_forward), allocates out (B, Hq, Sq, Dv) in
+// q's dtype and lse (B, Hq, Sq) in float32 (float64 for float64 q), both contiguous, and packs the arguments.
+inline AttentionForwardArgs attention_forward_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                                   const std::optional<at::Tensor>& mask,
+                                                   const std::optional<at::Tensor>& key_padding,
+                                                   const std::optional<at::Tensor>& alibi, double scale,
+                                                   int64_t diagonal, int64_t window_left, int64_t window_right,
+                                                   at::Tensor& out, at::Tensor& lse) {
+  constexpr const char* op = "attention_forward";
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, op, ": q, k, v must be 4-D (B, H, S, D), got ",
+              q.sizes(), ", ", k.sizes(), ", ", v.sizes());
+  TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(), op,
+              ": q, k, v must have one dtype, got ", q.scalar_type(), ", ", k.scalar_type(), ", ", v.scalar_type());
+  TORCH_CHECK(k.device() == q.device() && v.device() == q.device(), op, ": q, k, v must be on one device");
+  const int64_t batch = q.size(0), heads_q = q.size(1), seq_q = q.size(2), head_dim = q.size(3);
+  const int64_t heads_kv = k.size(1), seq_k = k.size(2), head_dim_v = v.size(3);
+  TORCH_CHECK(k.size(0) == batch && v.size(0) == batch, op, ": q, k, v batch sizes differ");
+  TORCH_CHECK(k.size(3) == head_dim, op, ": k's head dim ", k.size(3), " differs from q's ", head_dim);
+  TORCH_CHECK(v.size(1) == heads_kv && v.size(2) == seq_k, op, ": v must be (B, Hkv, Sk, Dv) with k's Hkv and Sk, ",
+              "got k ", k.sizes(), " and v ", v.sizes());
+  TORCH_CHECK(heads_kv > 0 ? heads_q % heads_kv == 0 : heads_q == 0, op, ": heads of q (", heads_q,
+              ") must be a multiple of the heads of k and v (", heads_kv, ")");
+  TORCH_CHECK(q.size(3) <= 1 || q.stride(3) == 1, op, ": q must have unit stride over the head dim");
+  TORCH_CHECK(k.size(3) <= 1 || k.stride(3) == 1, op, ": k must have unit stride over the head dim");
+  TORCH_CHECK(v.size(3) <= 1 || v.stride(3) == 1, op, ": v must have unit stride over the head dim");
+  TORCH_CHECK(window_left >= -1 && window_right >= -1, op, ": window bounds must be -1 (unbounded) or >= 0, got ",
+              window_left, ", ", window_right);
+
+  AttentionForwardArgs a{};
+  a.dtype = dtype_of(q);
+  const at::ScalarType lse_type = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  out = at::empty({batch, heads_q, seq_q, head_dim_v}, q.options().memory_format(at::MemoryFormat::Contiguous));
+  lse = at::empty({batch, heads_q, seq_q}, q.options().dtype(lse_type).memory_format(at::MemoryFormat::Contiguous));
+  a.q = q.data_ptr();
+  a.k = k.data_ptr();
+  a.v = v.data_ptr();
+  for (int i = 0; i < 3; ++i) {
+    a.q_stride[i] = q.stride(i);
+    a.k_stride[i] = k.stride(i);
+    a.v_stride[i] = v.stride(i);
+  }
+  a.batch = batch;
+  a.heads_q = heads_q;
+  a.heads_kv = heads_kv;
+  a.seq_q = seq_q;
+  a.seq_k = seq_k;
+  a.head_dim = head_dim;
+  a.head_dim_v = head_dim_v;
+
+  a.mask = nullptr;
+  a.mask_kind = MaskKind::kNone;
+  if (mask.has_value()) {
+    const at::Tensor& m = *mask;
+    TORCH_CHECK(m.dim() == 4 && m.size(0) == batch && m.size(1) == heads_q && m.size(2) == seq_q &&
+                    m.size(3) == seq_k,
+                op, ": mask must be (B, Hq, Sq, Sk) = (", batch, ", ", heads_q, ", ", seq_q, ", ", seq_k,
+                ") (expand it to broadcast), got ", m.sizes());
+    TORCH_CHECK(m.device() == q.device(), op, ": mask must be on ", q.device());
+    a.mask_kind = mask_kind_of(m, q.scalar_type(), op);
+    a.mask = m.data_ptr();
+    for (int i = 0; i < 4; ++i) a.mask_stride[i] = m.stride(i);
+  }
+  a.key_padding = nullptr;
+  if (key_padding.has_value()) {
+    const at::Tensor& p = *key_padding;
+    TORCH_CHECK(p.scalar_type() == at::kBool, op, ": key_padding must be bool, got ", p.scalar_type());
+    TORCH_CHECK(p.dim() == 2 && p.size(0) == batch && p.size(1) == seq_k, op, ": key_padding must be (B, Sk) = (",
+                batch, ", ", seq_k, "), got ", p.sizes());
+    TORCH_CHECK(p.device() == q.device(), op, ": key_padding must be on ", q.device());
+    a.key_padding = static_cast<const uint8_t*>(p.data_ptr());
+    for (int i = 0; i < 2; ++i) a.key_padding_stride[i] = p.stride(i);
+  }
+  a.alibi = nullptr;
+  if (alibi.has_value()) {
+    const at::Tensor& s = *alibi;
+    TORCH_CHECK(s.scalar_type() == at::kFloat, op, ": alibi slopes must be float32, got ", s.scalar_type());
+    TORCH_CHECK(s.dim() == 2 && s.size(0) == batch && s.size(1) == heads_q, op, ": alibi slopes must be (B, Hq) = (",
+                batch, ", ", heads_q, ") (expand them to broadcast), got ", s.sizes());
+    TORCH_CHECK(s.device() == q.device(), op, ": alibi slopes must be on ", q.device());
+    a.alibi = s.data_ptr<float>();
+    for (int i = 0; i < 2; ++i) a.alibi_stride[i] = s.stride(i);
+  }
+  a.out = out.data_ptr();
+  a.lse = lse.data_ptr();
+  a.scale = scale;
+  a.diagonal = diagonal;
+  a.window_left = window_left;
+  a.window_right = window_right;
+  return a;
+}
+
+}  // namespace fastattn

@@ -1,0 +1,35 @@
+// CPU implementation of the fastattn_C attention op (schema in csrc/fastattn.cpp): checks and argument packing
+// in csrc/attention_binding.h, the kernel in csrc/cpu/attention_kernel.cpp, tasks (batch x head x query block)
+// split over at::parallel_for.
+#include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include <tuple>
+
+#include "../attention_binding.h"
+#include "attention_kernel.h"
+#include "huge_pages.h"
+
+namespace fastattn {
+namespace {
+
+std::tuple<at::Tensor, at::Tensor> attention_forward_cpu_op(const at::Tensor& q, const at::Tensor& k,
+                                                            const at::Tensor& v, const std::optional<at::Tensor>& mask,
+                                                            const std::optional<at::Tensor>& key_padding,
+                                                            const std::optional<at::Tensor>& alibi, double scale,
+                                                            int64_t diagonal, int64_t window_left,
+                                                            int64_t window_right) {
+  at::Tensor out, lse;
+  const AttentionForwardArgs args = attention_forward_args(q, k, v, mask, key_padding, alibi, scale, diagonal,
+                                                           window_left, window_right, out, lse);
+  advise_huge_pages(out.data_ptr(), out.nbytes());
+  at::parallel_for(0, attention_forward_cpu_tasks(args), attention_forward_cpu_grain(args),
+                   [&](int64_t begin, int64_t end) { attention_forward_cpu(args, begin, end); });
+  return {out, lse};
+}
+
+}  // namespace
+}  // namespace fastattn
+
+TORCH_LIBRARY_IMPL(fastattn_C, CPU, m) { m.impl("attention_forward", &fastattn::attention_forward_cpu_op); }

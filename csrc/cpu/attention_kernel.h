@@ -1,0 +1,21 @@
+// CPU attention forward kernel on raw pointers (arguments: csrc/attention.h). No torch headers:
+// csrc/cpu/attention.cpp binds it to tensors and splits the tasks over threads.
+#pragma once
+#include <cstdint>
+
+#include "../attention.h"
+
+namespace fastattn {
+
+// The forward is split into independent tasks, one per (batch, query head, block of queries); task t writes
+// only its own rows of out and lse, so disjoint task ranges may run on different threads.
+int64_t attention_forward_cpu_tasks(const AttentionForwardArgs& args);
+
+// Tasks worth one thread at least: small problems stay on the calling thread instead of paying the thread
+// pool's start-up.
+int64_t attention_forward_cpu_grain(const AttentionForwardArgs& args);
+
+// Runs tasks [task_begin, task_end).
+void attention_forward_cpu(const AttentionForwardArgs& args, int64_t task_begin, int64_t task_end);
+
+}  // namespace fastattn

@@ -1,0 +1,486 @@
+"""Triton attention forward: FlashAttention-style, one program per (query block, head, batch).
+
+For query i of head h (batch b), kv head h // (Hq // Hkv) (GQA), the scores are
+
+    s_ij = scale * q_i . k_j + mask_ij + alibi_ij         (float mask added; alibi = -slope * |j - i - diagonal|)
+    s_ij = -inf   where a bool mask is False, key j is padding, or j lies outside the window
+                  [i + diagonal - window_left, i + diagonal + window_right] (a bound of -1: unbounded)
+
+and out_i = sum_j softmax(s_i)_j v_j, lse_i = log sum_j exp(s_ij). A query that sees no key gets out 0 and
+lse -inf. Semantics: fastattn/reference.py, ``attention``.
+
+The program keeps its (BLOCK_M, D) query tile in registers and streams key/value blocks of BLOCK_N keys
+through an online softmax, in base 2 with log2(e) folded into the scale (float64: base e, exactly):
+
+    m_new = max(m, rowmax(s))            running max (the max of -inf and -inf is guarded to 0 in exponents)
+    p     = exp2(s - m_new)              unnormalised probabilities of this block
+    l     = l * exp2(m - m_new) + rowsum(p)
+    acc   = acc * exp2(m - m_new) + p v
+    out   = acc / l,   lse = (m + log2 l) * ln 2
+
+Only key blocks that meet the query block's window are visited, so causal attention costs about half. The
+visited range is split in three: blocks that straddle the window's left edge, blocks wholly inside the window
+and the key range (no per-element window or bounds checks), and blocks that straddle the right edge or the
+end of the keys. Bool masks, float masks, key padding and alibi apply to every block when present.
+
+Accumulation is in float32 (float64 for float64 inputs); float32 dots use IEEE fp32 (never TF32); p is
+rounded to v's dtype before the p v dot, as in FlashAttention.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+LOG2E = math.log2(math.e)  # exp(x) = exp2(x * LOG2E); inside kernels as the literal 1.4426950408889634
+
+
+def _interpreting() -> bool:
+    """True when kernels run through the Triton interpreter (TRITON_INTERPRET=1, CPU tensors)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+INTERPRETER_BLOCK = 16  # the interpreter's cost is Python per program and per block: small tiles, few of each
+SMEM_SLACK = 16 * 1024  # shared memory Triton uses beyond the tiles counted in _shared_memory (layout scratch)
+
+
+def _shared_memory(block_m, block_n, block_d, block_dv, stages, itemsize, mask_itemsize) -> int:
+    """Bytes of shared memory a config needs, roughly: the query tile, ``stages`` buffers of the key, value
+    and mask tiles, and SMEM_SLACK."""
+    kv = block_n * (block_d + block_dv) * itemsize + block_m * block_n * mask_itemsize
+    return block_m * block_d * itemsize + stages * kv + SMEM_SLACK
+
+
+def _config(
+    seq_q: int, block_d: int, block_dv: int, dtype: torch.dtype, mask_itemsize: int, smem_budget: int
+) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) on a GPU for padded head dims ``block_d`` / ``block_dv``.
+
+    16-bit inputs: 128x64 tiles up to head dim 128 (8 warps past 64) with 3 stages, 64x32 with 2 stages for
+    head dim 256. float32 and float64 tiles are smaller: their dots run without tensor cores and their tiles
+    take 2-4x the bytes. BLOCK_M shrinks to the query length (at least 16, the smallest ``tl.dot`` tile) so
+    short queries (decoding) do not waste a 128-row tile. Then stages, BLOCK_N and BLOCK_M shrink until the
+    tiles fit ``smem_budget`` bytes of shared memory (227 KiB on H100, 163 KiB on A100, 99 KiB on sm_86/89).
+    """
+    width = max(block_d, block_dv)
+    if dtype == torch.float64:
+        block_m, block_n, warps, stages = (32, 32, 4, 1) if width <= 64 else (16, 16, 4, 1)
+    elif dtype == torch.float32:
+        block_m, block_n, warps, stages = (64, 64, 4, 2) if width <= 64 else (64, 32, 4, 2)
+        if width > 128:
+            block_m, block_n, warps, stages = 32, 32, 4, 1
+    elif width <= 128:
+        block_m, block_n, warps, stages = 128, 64, 4 if width <= 64 else 8, 3
+    else:
+        block_m, block_n, warps, stages = 64, 32, 4, 2
+    block_m = min(block_m, max(16, triton.next_power_of_2(seq_q)))
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    while _shared_memory(block_m, block_n, block_d, block_dv, stages, itemsize, mask_itemsize) > smem_budget:
+        if stages > 2:
+            stages -= 1
+        elif block_n > 32:
+            block_n //= 2
+        elif block_m > 64:
+            block_m //= 2
+        elif stages > 1:
+            stages -= 1
+        elif block_n > 16:
+            block_n //= 2
+        elif block_m > 16:
+            block_m //= 2
+        else:
+            break
+    if block_m < 128:
+        warps = 4
+    return block_m, block_n, warps, stages
+
+
+def _row_strides(t: Tensor) -> tuple[int, int, int]:
+    """Strides of the first three dims, 0 over dims of size 1 (their index is always 0): unused strides then
+    neither cost a kernel variant nor spoil the alignment."""
+    return tuple(0 if size == 1 else stride for size, stride in zip(t.shape[:3], t.stride()[:3]))
+
+
+def _alignment(strides) -> int:
+    """The largest power of two up to 16 dividing every stride (in elements)."""
+    align = 16
+    while any(s % align for s in strides):
+        align //= 2
+    return align
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Helpers shared by the forward (and, later, the backward and split-KV kernels).
+# ---------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _aligned(stride, ALIGN: tl.constexpr):
+    """``stride`` itself (the host checked ALIGN divides it), written so Triton's alignment analysis knows
+    it: then rows of a head dim like 40 or 72 load as 16-byte vectors (and pipeline) instead of scalars."""
+    if ALIGN > 1:
+        return stride // ALIGN * ALIGN
+    else:
+        return stride
+
+
+@triton.jit
+def _exp(x, BASE2: tl.constexpr):
+    """exp2(x) when scores are in base 2 (log2(e) folded into them), else exp(x)."""
+    if BASE2:
+        return tl.exp2(x)
+    else:
+        return tl.exp(x)
+
+
+@triton.jit
+def _dot(a, b, acc, INTERPRET: tl.constexpr):
+    """acc + a @ b, accumulated in acc's dtype. fp32 inputs use IEEE fp32 (no TF32). Under the interpreter
+    bf16 inputs are cast to fp32 first: its bf16 dot is wrong, while bf16 -> fp32 is exact and fp32 products
+    of bf16 values are exact, as on the tensor cores."""
+    if INTERPRET:
+        if a.dtype == tl.bfloat16:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+    if a.dtype == tl.float32:
+        return tl.dot(a, b, acc, input_precision="ieee", out_dtype=acc.dtype)
+    else:
+        return tl.dot(a, b, acc, out_dtype=acc.dtype)
+
+
+@triton.jit
+def _flags(x, ACC: tl.constexpr, INTERPRET: tl.constexpr):
+    """A uint8 flag tile (bool mask, key padding) as int32 nonzero-test input. For float64 on a GPU it passes
+    through an opaque move: Triton sizes a dot operand's registers (kWidth) by the narrowest load feeding it,
+    and a uint8 load feeding p makes its fp64 MMA path assert ("fp64 don't support largeK MMA", Triton 3.8)."""
+    if ACC == tl.float64 and not INTERPRET:
+        return tl.inline_asm_elementwise(
+            "mov.b32 $0, $1;", "=r,r", [x.to(tl.int32)], dtype=tl.int32, is_pure=False, pack=1
+        )
+    else:
+        return x
+
+
+@triton.jit
+def _load_rows(
+    PTR,  # base pointer of a (rows, cols) slice with unit column stride
+    rows,  # (R,) row indices
+    cols,  # (C,) column indices
+    stride_row,
+    n_rows, n_cols,
+    CHECK_ROWS: tl.constexpr,  # rows may reach n_rows
+    CHECK_COLS: tl.constexpr,  # cols may reach n_cols (a padded head dim)
+):
+    """Load a (R, C) tile, zero outside ``rows < n_rows`` / ``cols < n_cols`` where those are checked."""
+    ptrs = PTR + rows.to(tl.int64)[:, None] * stride_row + cols[None, :]
+    if CHECK_ROWS and CHECK_COLS:
+        return tl.load(ptrs, mask=(rows[:, None] < n_rows) & (cols[None, :] < n_cols), other=0.0)
+    elif CHECK_ROWS:
+        return tl.load(ptrs, mask=rows[:, None] < n_rows, other=0.0)
+    elif CHECK_COLS:
+        return tl.load(ptrs, mask=cols[None, :] < n_cols, other=0.0)
+    else:
+        return tl.load(ptrs)
+
+
+@triton.jit
+def _score_tile(
+    q,  # (BLOCK_M, BLOCK_D) query tile, zero past Sq and D
+    k,  # (BLOCK_N, BLOCK_D) key tile, zero past Sk and D
+    offs_m,  # (BLOCK_M,) query indices
+    offs_n,  # (BLOCK_N,) key indices
+    MASK,  # mask at this (batch, head): (Sq, Sk) with strides (stride_mm, stride_mn); uint8 or float
+    stride_mm, stride_mn,
+    KPAD,  # key padding at this batch: (Sk,) uint8 with stride stride_pn, nonzero = padding
+    stride_pn,
+    slope,  # alibi slope of this (batch, head), times log2(e) in base 2
+    qk_scale,  # scale, times log2(e) in base 2
+    Sq, Sk, diagonal, window_left, window_right,
+    HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, HAS_KPAD: tl.constexpr, HAS_ALIBI: tl.constexpr,
+    HAS_WL: tl.constexpr, HAS_WR: tl.constexpr,  # window bounds set (window_left / window_right >= 0)
+    BOUNDS: tl.constexpr,  # apply the window and the key-length check (off for blocks wholly inside both)
+    BASE2: tl.constexpr,  # scores in base 2: float masks and alibi are multiplied by log2(e)
+    ACC: tl.constexpr, INTERPRET: tl.constexpr,
+):
+    """The (BLOCK_M, BLOCK_N) score tile s = scale * q k^T + mask + alibi with every hiding rule applied
+    (-inf), in ACC, in base 2 when BASE2 (so exp2(s) = exp(natural s))."""
+    s = _dot(q, tl.trans(k), tl.zeros([q.shape[0], k.shape[0]], dtype=ACC), INTERPRET) * qk_scale
+    if HAS_MASK:
+        # Rows past Sq never get stored but must not read past the mask; columns past Sk only in edge blocks.
+        in_mask = offs_m[:, None] < Sq
+        if BOUNDS:
+            in_mask = in_mask & (offs_n[None, :] < Sk)
+        mask_ptrs = MASK + offs_m.to(tl.int64)[:, None] * stride_mm + offs_n.to(tl.int64)[None, :] * stride_mn
+        mask = tl.load(mask_ptrs, mask=in_mask, other=0)
+        if MASK_BOOL:
+            s = tl.where(_flags(mask, ACC, INTERPRET) != 0, s, float("-inf"))
+        elif BASE2:
+            s += mask.to(ACC) * 1.4426950408889634  # log2(e)
+        else:
+            s += mask.to(ACC)
+    if HAS_ALIBI or (BOUNDS and (HAS_WL or HAS_WR)):
+        distance = offs_n[None, :] - offs_m[:, None] - diagonal  # j - i - diagonal
+        if HAS_ALIBI:
+            s -= slope * tl.abs(distance).to(ACC)
+        if BOUNDS and HAS_WL:
+            s = tl.where(distance >= -window_left, s, float("-inf"))
+        if BOUNDS and HAS_WR:
+            s = tl.where(distance <= window_right, s, float("-inf"))
+    if HAS_KPAD:
+        if BOUNDS:
+            pad = tl.load(KPAD + offs_n.to(tl.int64) * stride_pn, mask=offs_n < Sk, other=1)
+        else:
+            pad = tl.load(KPAD + offs_n.to(tl.int64) * stride_pn)
+        s = tl.where(_flags(pad, ACC, INTERPRET)[None, :] == 0, s, float("-inf"))
+    if BOUNDS:
+        s = tl.where(offs_n[None, :] < Sk, s, float("-inf"))
+    return s
+
+
+@triton.jit
+def _attend_range(
+    acc, l_i, m_i,  # running state: (BLOCK_M, BLOCK_DV) output sum, (BLOCK_M,) probability sum and max
+    q,  # (BLOCK_M, BLOCK_D) query tile
+    offs_m,  # (BLOCK_M,) query indices
+    start, end,  # key range [start, end) visited in blocks of BLOCK_N starting at start
+    K, V,  # keys and values at this (batch, kv head): (Sk, D) and (Sk, Dv), row strides stride_kn / stride_vn
+    stride_kn, stride_vn,
+    MASK, stride_mm, stride_mn, KPAD, stride_pn,
+    slope, qk_scale, Sq, Sk, diagonal, window_left, window_right,
+    HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, HAS_KPAD: tl.constexpr, HAS_ALIBI: tl.constexpr,
+    HAS_WL: tl.constexpr, HAS_WR: tl.constexpr, BOUNDS: tl.constexpr, BASE2: tl.constexpr,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    ACC: tl.constexpr, INTERPRET: tl.constexpr,
+):
+    """The online-softmax loop over key blocks [start, end); returns the updated (acc, l_i, m_i)."""
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    for start_n in range(start, end, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        k = _load_rows(K, offs_n, offs_d, stride_kn, Sk, HEAD_DIM, BOUNDS, HEAD_DIM != BLOCK_D)  # (BLOCK_N, BLOCK_D)
+        s = _score_tile(
+            q, k, offs_m, offs_n, MASK, stride_mm, stride_mn, KPAD, stride_pn,
+            slope, qk_scale, Sq, Sk, diagonal, window_left, window_right,
+            HAS_MASK, MASK_BOOL, HAS_KPAD, HAS_ALIBI, HAS_WL, HAS_WR, BOUNDS, BASE2, ACC, INTERPRET,
+        )
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # all -inf so far: exponents stay -inf, not NaN
+        p = _exp(s - m_safe[:, None], BASE2)  # (BLOCK_M, BLOCK_N)
+        alpha = _exp(m_i - m_safe, BASE2)  # rescales the old state to the new max
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        v = _load_rows(V, offs_n, offs_dv, stride_vn, Sk, HEAD_DIM_V, BOUNDS, HEAD_DIM_V != BLOCK_DV)
+        acc = _dot(p.to(v.dtype), v, acc * alpha[:, None], INTERPRET)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _attention_fwd_kernel(
+    Q,  # (B, Hq, Sq, D), strides (stride_qb, stride_qh, stride_qm, 1)
+    K,  # (B, Hkv, Sk, D), strides (stride_kb, stride_kh, stride_kn, 1)
+    V,  # (B, Hkv, Sk, Dv), strides (stride_vb, stride_vh, stride_vn, 1)
+    MASK,  # optional (B, Hq, Sq, Sk) view, any strides (0 where broadcast): uint8 (nonzero = attend) or float
+    KPAD,  # optional (B, Sk) uint8 view, nonzero = padding
+    ALIBI,  # optional (B, Hq) float32 slopes view
+    OUT,  # (B, Hq, Sq, Dv) contiguous, q's dtype
+    LSE,  # (B, Hq, Sq) contiguous, ACC
+    stride_qb, stride_qh, stride_qm,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_mb, stride_mh, stride_mm, stride_mn,
+    stride_pb, stride_pn,
+    stride_ab, stride_ah,
+    Hq, Sq, Sk,
+    kv_group,  # Hq // Hkv: q heads per kv head
+    qk_scale,  # scale, times log2(e) in base 2
+    diagonal,  # query i's "present" is key i + diagonal
+    window_left, window_right,  # -1: unbounded
+    HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, HAS_KPAD: tl.constexpr, HAS_ALIBI: tl.constexpr,
+    HAS_WL: tl.constexpr, HAS_WR: tl.constexpr,
+    BASE2: tl.constexpr,  # base-2 exponents (everything but float64)
+    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,  # D and Dv (constexpr: head-dim masks stay vectorised)
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    ALIGN: tl.constexpr,  # every q/k/v stride is a multiple of ALIGN elements (lets loads vectorise)
+    ACC: tl.constexpr,  # accumulation dtype: float32, or float64 for float64 inputs
+    INTERPRET: tl.constexpr,  # running in the Triton interpreter (CPU tensors): see _dot and _flags
+):
+    # The last query blocks come first: under a causal window they see the most keys, so the long
+    # programs start early and the short ones fill the tail.
+    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
+    stride_qb, stride_qh, stride_qm = _aligned(stride_qb, ALIGN), _aligned(stride_qh, ALIGN), _aligned(stride_qm, ALIGN)
+    stride_kb, stride_kh, stride_kn = _aligned(stride_kb, ALIGN), _aligned(stride_kh, ALIGN), _aligned(stride_kn, ALIGN)
+    stride_vb, stride_vh, stride_vn = _aligned(stride_vb, ALIGN), _aligned(stride_vh, ALIGN), _aligned(stride_vn, ALIGN)
+    h = tl.program_id(1).to(tl.int64)
+    b = tl.program_id(2).to(tl.int64)
+    h_kv = h // kv_group
+
+    m_start = pid_m * BLOCK_M
+    offs_m = m_start + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+
+    q = _load_rows(Q + b * stride_qb + h * stride_qh, offs_m, offs_d, stride_qm, Sq, HEAD_DIM, True,
+                   HEAD_DIM != BLOCK_D)
+    K += b * stride_kb + h_kv * stride_kh
+    V += b * stride_vb + h_kv * stride_vh
+    MASK += b * stride_mb + h * stride_mh
+    KPAD += b * stride_pb
+    slope = 0.0
+    if HAS_ALIBI:
+        slope = tl.load(ALIBI + b * stride_ab + h * stride_ah).to(ACC)
+        if BASE2:
+            slope = slope * 1.4426950408889634  # log2(e)
+
+    # The keys this query block may see: [lo, hi), lo aligned to BLOCK_N. Within it, [full_lo, full_hi) are
+    # the blocks every query row sees whole (no window edge, no key past Sk).
+    last_m = m_start + BLOCK_M - 1
+    lo = 0
+    full_lo = 0
+    if HAS_WL:
+        lo = tl.maximum(m_start + diagonal - window_left, 0) // BLOCK_N * BLOCK_N
+        full_lo = tl.maximum(last_m + diagonal - window_left, 0)
+        full_lo = (full_lo + BLOCK_N - 1) // BLOCK_N * BLOCK_N
+    hi = Sk
+    full_end = Sk
+    if HAS_WR:
+        hi = tl.minimum(last_m + diagonal + window_right + 1, Sk)
+        full_end = tl.minimum(m_start + diagonal + window_right + 1, Sk)
+    hi = tl.maximum(hi, 0)
+    full_lo = tl.minimum(tl.maximum(full_lo, lo), hi)
+    full_hi = tl.maximum(tl.maximum(full_end, 0) // BLOCK_N * BLOCK_N, full_lo)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=ACC)
+    l_i = tl.zeros([BLOCK_M], dtype=ACC)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=ACC)
+    if HAS_WL:  # blocks across the window's left edge
+        acc, l_i, m_i = _attend_range(
+            acc, l_i, m_i, q, offs_m, lo, full_lo, K, V, stride_kn, stride_vn,
+            MASK, stride_mm, stride_mn, KPAD, stride_pn,
+            slope, qk_scale, Sq, Sk, diagonal, window_left, window_right,
+            HAS_MASK, MASK_BOOL, HAS_KPAD, HAS_ALIBI, HAS_WL, HAS_WR, True, BASE2,
+            HEAD_DIM, HEAD_DIM_V, BLOCK_N, BLOCK_D, BLOCK_DV, ACC, INTERPRET,
+        )
+    # blocks wholly inside the window and the keys
+    acc, l_i, m_i = _attend_range(
+        acc, l_i, m_i, q, offs_m, full_lo, full_hi, K, V, stride_kn, stride_vn,
+        MASK, stride_mm, stride_mn, KPAD, stride_pn,
+        slope, qk_scale, Sq, Sk, diagonal, window_left, window_right,
+        HAS_MASK, MASK_BOOL, HAS_KPAD, HAS_ALIBI, HAS_WL, HAS_WR, False, BASE2,
+        HEAD_DIM, HEAD_DIM_V, BLOCK_N, BLOCK_D, BLOCK_DV, ACC, INTERPRET,
+    )
+    # blocks across the window's right edge or the end of the keys
+    acc, l_i, m_i = _attend_range(
+        acc, l_i, m_i, q, offs_m, full_hi, hi, K, V, stride_kn, stride_vn,
+        MASK, stride_mm, stride_mn, KPAD, stride_pn,
+        slope, qk_scale, Sq, Sk, diagonal, window_left, window_right,
+        HAS_MASK, MASK_BOOL, HAS_KPAD, HAS_ALIBI, HAS_WL, HAS_WR, True, BASE2,
+        HEAD_DIM, HEAD_DIM_V, BLOCK_N, BLOCK_D, BLOCK_DV, ACC, INTERPRET,
+    )
+
+    # l_i is 0 exactly when the query saw no key (otherwise its max term is exp(0) = 1): out 0, lse -inf.
+    # A NaN score makes l_i NaN and the row NaN, as in the reference.
+    empty = l_i == 0.0
+    l_safe = tl.where(empty, 1.0, l_i)
+    out = acc / l_safe[:, None]
+    if BASE2:
+        lse = (m_i + tl.log2(l_safe)) * 0.6931471805599453  # ln(2)
+    else:
+        lse = m_i + tl.log(l_safe)
+    lse = tl.where(empty, float("-inf"), lse)
+
+    row = (b * Hq + h) * Sq  # first row of this (batch, head) in OUT and LSE
+    row_ok = offs_m < Sq
+    out_ptrs = OUT + (row + offs_m.to(tl.int64))[:, None] * HEAD_DIM_V + offs_dv[None, :]
+    if HEAD_DIM_V == BLOCK_DV:
+        tl.store(out_ptrs, out.to(OUT.dtype.element_ty), mask=row_ok[:, None])
+    else:
+        tl.store(out_ptrs, out.to(OUT.dtype.element_ty), mask=row_ok[:, None] & (offs_dv[None, :] < HEAD_DIM_V))
+    tl.store(LSE + row + offs_m, lse, mask=row_ok)
+
+
+def attention_forward(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    mask: Optional[Tensor],
+    key_padding: Optional[Tensor],
+    alibi: Optional[Tensor],
+    scale: float,
+    diagonal: int,
+    window_left: int,
+    window_right: int,
+) -> tuple[Tensor, Tensor]:
+    """Attention forward; returns (out, lse).
+
+    q: (B, Hq, Sq, D); k: (B, Hkv, Sk, D); v: (B, Hkv, Sk, Dv), any strides over the first three dims and
+    unit stride over the last; Hkv divides Hq. mask: None or a (B, Hq, Sq, Sk) view (stride 0 where
+    broadcast), bool (True = attend) or float (q's dtype or float32, added). key_padding: None or (B, Sk)
+    bool, True = padding. alibi: None or (B, Hq) float32 slopes. Query i sees keys j with
+    i + diagonal - window_left <= j <= i + diagonal + window_right (-1: unbounded).
+    out: (B, Hq, Sq, Dv) contiguous in q's dtype; lse: (B, Hq, Sq) contiguous float32 (float64 for float64).
+    """
+    batch, heads, seq_q, head_dim = q.shape
+    heads_kv, seq_k, head_dim_v = k.shape[1], k.shape[2], v.shape[3]
+    acc_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    out = torch.empty((batch, heads, seq_q, head_dim_v), dtype=q.dtype, device=q.device)
+    lse = torch.empty((batch, heads, seq_q), dtype=acc_dtype, device=q.device)
+    if out.numel() == 0:
+        return out, lse
+    if seq_k == 0:
+        return out.zero_(), lse.fill_(float("-inf"))
+
+    interpret = _interpreting()
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    block_dv = max(16, triton.next_power_of_2(head_dim_v))
+    if interpret:
+        block_m = block_n = INTERPRETER_BLOCK
+        num_warps, num_stages = 4, 1
+    else:
+        budget = torch.cuda.get_device_properties(q.device).shared_memory_per_block_optin
+        mask_itemsize = 0 if mask is None else mask.element_size()
+        block_m, block_n, num_warps, num_stages = _config(seq_q, block_d, block_dv, q.dtype, mask_itemsize, budget)
+    base2 = q.dtype != torch.float64
+
+    if mask is None:
+        mask_arg, mask_strides, mask_bool = q, (0, 0, 0, 0), False
+    else:
+        mask_bool = mask.dtype == torch.bool
+        mask_arg, mask_strides = (mask.view(torch.uint8) if mask_bool else mask), mask.stride()
+    if key_padding is None:
+        pad_arg, pad_strides = q, (0, 0)
+    else:
+        pad_arg, pad_strides = key_padding.view(torch.uint8), key_padding.stride()
+    alibi_arg, alibi_strides = (q, (0, 0)) if alibi is None else (alibi, alibi.stride())
+
+    q_strides, k_strides, v_strides = _row_strides(q), _row_strides(k), _row_strides(v)
+    grid = (triton.cdiv(seq_q, block_m), heads, batch)
+    _attention_fwd_kernel[grid](
+        q, k, v, mask_arg, pad_arg, alibi_arg, out, lse,
+        *q_strides,
+        *k_strides,
+        *v_strides,
+        *mask_strides,
+        *pad_strides,
+        *alibi_strides,
+        heads, seq_q, seq_k,
+        heads // heads_kv,
+        scale * LOG2E if base2 else scale,
+        diagonal, window_left, window_right,
+        HAS_MASK=mask is not None, MASK_BOOL=mask_bool, HAS_KPAD=key_padding is not None,
+        HAS_ALIBI=alibi is not None, HAS_WL=window_left >= 0, HAS_WR=window_right >= 0,
+        BASE2=base2,
+        HEAD_DIM=head_dim, HEAD_DIM_V=head_dim_v,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_DV=block_dv,
+        ALIGN=_alignment(q_strides + k_strides + v_strides),
+        ACC=tl.float64 if acc_dtype == torch.float64 else tl.float32,
+        INTERPRET=interpret,
+        num_warps=num_warps, num_stages=num_stages,
+    )
+    return out, lse
