@@ -18,76 +18,18 @@
 // AVX2 + FMA and baseline x86-64 (target_clones); the loader picks the best one this CPU supports.
 #include "softmax_kernel.h"
 
-#include <c10/util/BFloat16.h>
-#include <c10/util/Half.h>
-
 #include <algorithm>
 #include <cmath>
-#include <cstring>
-#include <limits>
-#include <type_traits>
 #include <vector>
 
-#if defined(__GNUC__) && defined(__x86_64__)
-#include <immintrin.h>
-#endif
-
-#if defined(__GNUC__)
-// Helpers are forced inline so that each target clone of an entry point compiles its own copy of them.
-#define FASTATTN_INLINE inline __attribute__((always_inline))
-#define FASTATTN_INLINE_LAMBDA __attribute__((always_inline))
-#else
-#define FASTATTN_INLINE inline
-#define FASTATTN_INLINE_LAMBDA
-#endif
-
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-#define FASTATTN_TARGET_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define FASTATTN_TARGET_CLONES
-#endif
+#include "vec_math.h"
 
 namespace fastattn {
 namespace {
 
-template <class T> struct ComputeType { using type = float; };
-template <> struct ComputeType<double> { using type = double; };
-template <class T> using compute_t = typename ComputeType<T>::type;
-
-template <class To, class From>
-FASTATTN_INLINE To bit_cast(From v) {
-  static_assert(sizeof(To) == sizeof(From), "bit_cast needs equal sizes");
-  To out;
-  std::memcpy(&out, &v, sizeof(To));
-  return out;
-}
-
-// e^x in float without branches, so that loops calling it vectorise. Write x = k ln2 + r with k an integer and
-// |r| <= ln2 / 2; then e^x = 2^k e^r, with e^r = 1 + r + r^2 q(r) and q a degree-4 polynomial fitted for
-// minimax relative error (3.8e-9 with float coefficients, so about 1 ulp after rounding). e^-inf is exactly 0,
-// NaN stays NaN, results below FLT_MIN flush to 0 and x above 88.37 gives +inf (the kernels only pass x <= 0).
-FASTATTN_INLINE float exp_of(float x) {
-  constexpr float kLog2e = 1.44269504088896341f;
-  constexpr float kLn2Hi = 0.693359375f;      // ln 2 = kLn2Hi + kLn2Lo; kLn2Hi has 9 bits, so k * kLn2Hi is exact
-  constexpr float kLn2Lo = -2.12194440e-4f;
-  constexpr float kShift = 12582912.0f;       // 1.5 * 2^23: v + kShift rounds v to an integer in the low bits
-  constexpr float kMinArg = -87.33654475f;    // ln(FLT_MIN)
-  constexpr float kMaxArg = 88.37f;           // just under 127.5 ln 2, so that 2^k below is finite
-  constexpr float kC2 = 0.49999994f, kC3 = 0.16666521f, kC4 = 0.04166839f, kC5 = 0.00836871f,
-                  kC6 = 0.0013814613f;
-  const float t = x * kLog2e + kShift;        // low mantissa bits of t hold k = round(x / ln2)
-  const float k = t - kShift;
-  const float r = (x - k * kLn2Hi) - k * kLn2Lo;
-  const float q = kC2 + r * (kC3 + r * (kC4 + r * (kC5 + r * kC6)));
-  const float er = 1.0f + (r + r * r * q);
-  // 2^k: bits(t) = bits(kShift) + k, and bits(kShift) << 23 vanishes, so (bits(t) + 127) << 23 = bits(2^k).
-  const float two_k = bit_cast<float>((bit_cast<uint32_t>(t) + 127u) << 23);
-  const float e = er * two_k;
-  return x < kMinArg ? 0.0f : (x > kMaxArg ? std::numeric_limits<float>::infinity() : e);
-}
-
-// Double precision keeps libm's exp (the kernels' speed targets are float, half and bfloat16).
-FASTATTN_INLINE double exp_of(double x) { return std::exp(x); }
+using cpu::compute_t;
+using cpu::convert_row;
+using cpu::exp_of;
 
 // Partial results kept apart in reductions: two 512-bit registers of float (or double) per accumulator array.
 template <class C> constexpr int64_t kLanes = 128 / sizeof(C);
@@ -158,47 +100,6 @@ struct KeepMask {  // -inf where the one-byte bool mask is 0
     return p[kUnit ? j : j * stride] ? z : -std::numeric_limits<C>::infinity();
   }
 };
-
-// Reduced-precision rows (half, bfloat16) are converted to float scratch rows before the kernels and back
-// after them, so that the kernels below only see the compute type. Half uses the CPU's F16C instructions when
-// it has them (g++ does not vectorise half conversions itself), else c10's portable conversion.
-#if defined(__GNUC__) && defined(__x86_64__)
-bool cpu_has_f16c() {
-  static const bool has = [] {
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx") && __builtin_cpu_supports("f16c");
-  }();
-  return has;
-}
-
-__attribute__((target("avx,f16c"))) void convert_row_f16c(const c10::Half* src, float* dst, int64_t n) {
-  int64_t j = 0;
-  for (; j + 8 <= n; j += 8) {
-    _mm256_storeu_ps(dst + j, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + j))));
-  }
-  for (; j < n; ++j) dst[j] = static_cast<float>(src[j]);
-}
-
-__attribute__((target("avx,f16c"))) void convert_row_f16c(const float* src, c10::Half* dst, int64_t n) {
-  int64_t j = 0;
-  for (; j + 8 <= n; j += 8) {
-    const __m128i h = _mm256_cvtps_ph(_mm256_loadu_ps(src + j), _MM_FROUND_TO_NEAREST_INT);
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + j), h);
-  }
-  for (; j < n; ++j) dst[j] = static_cast<c10::Half>(src[j]);
-}
-#else
-bool cpu_has_f16c() { return false; }
-template <class From, class To> void convert_row_f16c(const From*, To*, int64_t) {}
-#endif
-
-template <class From, class To>
-FASTATTN_INLINE void convert_row(const From* __restrict src, To* __restrict dst, int64_t n) {
-  if constexpr (std::is_same_v<From, c10::Half> || std::is_same_v<To, c10::Half>) {
-    if (cpu_has_f16c()) return convert_row_f16c(src, dst, n);
-  }
-  for (int64_t j = 0; j < n; ++j) dst[j] = static_cast<To>(src[j]);
-}
 
 // Where a row of T meets the kernels: compute-type rows are used in place, reduced-precision rows are staged
 // through scratch.
