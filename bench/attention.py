@@ -28,7 +28,8 @@ WORK = {"forward": 1.0, "forward+backward": 3.5}
 NOTES = (
     "FLOPs per call: 4·B·H·S²·D forward (halved when causal); forward+backward 3.5x that. `torch` is "
     "`F.scaled_dot_product_attention` with its default backend choice; `torch-math` is "
-    "`softmax(q kᵀ · scale + mask) v` in PyTorch ops; `torch.compile` compiles the SDPA call."
+    "`softmax(q kᵀ · scale + mask) v` in PyTorch ops; `torch.compile` compiles the SDPA call. On GPU the "
+    "tables also give each call's peak memory."
 )
 
 

@@ -25,7 +25,8 @@ MODES = ("forward", "backward", "forward+backward")
 # The columns of results.csv, in order.
 COLUMNS = (
     "op", "mode", "provider", "status", "dtype", "shape", "x_label", "x_value",
-    "median_ms", "p20_ms", "p80_ms", "gbps", "tflops", "bytes", "flops", "reps", "first_call_ms", "reason",
+    "median_ms", "p20_ms", "p80_ms", "gbps", "tflops", "bytes", "flops", "reps", "first_call_ms", "peak_mib",
+    "reason",
     "device", "device_type", "threads", "torch", "triton", "fastattn", "date",
 )  # fmt: skip
 
@@ -224,6 +225,10 @@ class CpuTimer:
         fn()
         return (time.perf_counter() - start) * 1e3
 
+    def peak_mib(self, fn: Callable[[], object]) -> float | None:
+        """None: torch's CPU allocator keeps no peak statistics."""
+        return None
+
     def __call__(self, fn: Callable[[], object]) -> Timing:
         fn()
         times_ms: list[float] = []
@@ -251,6 +256,15 @@ class GpuTimer:
         torch.cuda.synchronize()
         return (time.perf_counter() - start) * 1e3
 
+    def peak_mib(self, fn: Callable[[], object]) -> float:
+        """Memory one call allocates at its peak, beyond what was allocated before it, in MiB."""
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        fn()
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - before) / 2**20
+
     def __call__(self, fn: Callable[[], object]) -> Timing:
         from triton.testing import do_bench  # noqa: PLC0415
 
@@ -277,6 +291,7 @@ class Outcome:
     provider: str
     timing: Timing | None = None
     first_call_ms: float | None = None
+    peak_mib: float | None = None
     reason: str | None = None
 
 
@@ -288,7 +303,7 @@ def measure(provider: Provider, timer) -> Outcome:
     try:
         with provider.context():
             first_call_ms = timer.once_ms(provider.fn)
-            return Outcome(provider.name, timer(provider.fn), first_call_ms)
+            return Outcome(provider.name, timer(provider.fn), first_call_ms, timer.peak_mib(provider.fn))
     except Exception as error:  # noqa: BLE001 - any failure of a provider is reported, not fatal
         return Outcome(provider.name, reason=f"failed: {_describe(error)}")
 
@@ -331,6 +346,7 @@ def to_row(case: Case, outcome: Outcome, environment: dict) -> dict:
         "flops": case.flops or None,
         "reps": timing.reps if timing else None,
         "first_call_ms": outcome.first_call_ms,
+        "peak_mib": outcome.peak_mib,
         "reason": outcome.reason,
     }
     row.update({key: environment[key] for key in COLUMNS if key not in row})

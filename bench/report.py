@@ -17,6 +17,8 @@ COPY_BANDWIDTH_SOURCE = (
 )
 
 THROUGHPUTS = (("gbps", "GB/s"), ("tflops", "TFLOP/s"))
+# Per-provider column groups of a table after the times and speedups (each shown when any row has it).
+MEASURES = (*THROUGHPUTS, ("peak_mib", "peak MiB"))
 
 
 def copy_bandwidth(device: str) -> float | None:
@@ -106,7 +108,7 @@ def table(rows: list[dict]) -> str:
     """One Markdown table: a line per shape; times, ratios to torch eager, and throughput per provider."""
     providers = providers_in(rows, "ok")
     compared = [name for name in providers if name != "torch"]
-    throughputs = [(key, unit) for key, unit in THROUGHPUTS if any(row[key] for row in rows)]
+    throughputs = [(key, unit) for key, unit in MEASURES if any(row[key] for row in rows)]
     by_key = timed(rows)
     shapes = sorted({(row["x_value"], row["shape"]) for row in rows}, key=lambda pair: (pair[0], pair[1]))
     x_label = rows[0]["x_label"]
