@@ -190,11 +190,12 @@ def attention_backward(
     window_right: int = -1,
     dropout_mask: Optional[Tensor] = None,
     dropout_p: float = 0.0,
+    grad_lse: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """(dq, dk, dv) of :func:`attention`'s out for ``grad_out`` (B, Hq, Sq, Dv), recomputing the
-    probabilities P: dV = P'^T dO, dP' = dO V^T, dS = P * (dP - rowsum(dP * P)), dQ = scale dS K,
-    dK = scale dS^T Q, where P' = P * dropout_mask / (1 - p) and dP = dP' * dropout_mask / (1 - p); GQA
-    gradients are summed over the query heads that share a kv head."""
+    """(dq, dk, dv) of :func:`attention` for ``grad_out`` (B, Hq, Sq, Dv) on out and ``grad_lse`` (B, Hq, Sq)
+    on lse, recomputing the probabilities P: dV = P'^T dO, dP' = dO V^T, dS = P * (dP - rowsum(dP * P) +
+    grad_lse), dQ = scale dS K, dK = scale dS^T Q, where P' = P * dropout_mask / (1 - p) and
+    dP = dP' * dropout_mask / (1 - p); GQA gradients are summed over the query heads that share a kv head."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     dtype = compute_dtype(q.dtype)
     s = attention_scores(q, k, mask, key_padding_mask, alibi_slopes, scale, diagonal, window_left, window_right)
@@ -209,7 +210,10 @@ def attention_backward(
     dp = d_out @ v_full.transpose(-1, -2)
     if keep is not None:
         dp = dp * keep
-    ds = p * (dp - (dp * p).sum(dim=-1, keepdim=True))
+    delta = (dp * p).sum(dim=-1, keepdim=True)
+    if grad_lse is not None:
+        delta = delta - grad_lse.to(dtype).unsqueeze(-1)
+    ds = p * (dp - delta)
     dq = (ds @ k_full) * scale
     dk = (ds.transpose(-1, -2) @ q.to(dtype)) * scale
 

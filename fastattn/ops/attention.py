@@ -229,6 +229,7 @@ def _(q, k, v, mask, key_padding, alibi, scale, diagonal, window_left, window_ri
 @torch.library.custom_op("fastattn::attention_backward", mutates_args=())
 def attention_backward_op(
     grad_out: Tensor,
+    grad_lse: Optional[Tensor],
     q: Tensor,
     k: Tensor,
     v: Tensor,
@@ -242,18 +243,18 @@ def attention_backward_op(
     dropout_p: float,
     seed: int,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """(dq, dk, dv) of ``fastattn::attention``'s out for the incoming gradient ``grad_out``."""
+    """(dq, dk, dv) of ``fastattn::attention`` for the incoming gradients of out and lse (None: zero)."""
     backends.select("attention_backward", q.device, BACKWARD_CHECKS)
     shape = (q.shape[0], q.shape[1], q.shape[2], k.shape[2])
     grads = reference.attention_backward(
         grad_out, q, k, v, mask, key_padding, alibi, scale, diagonal, window_left, window_right,
-        _dropout_mask(dropout_p, seed, shape, q.device), dropout_p,
+        _dropout_mask(dropout_p, seed, shape, q.device), dropout_p, grad_lse,
     )  # fmt: skip
     return tuple(g.contiguous() for g in grads)
 
 
 @attention_backward_op.register_fake
-def _(grad_out, q, k, v, *_):
+def _(grad_out, grad_lse, q, k, v, *_):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
@@ -265,7 +266,9 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_out, grad_lse):
     q, k, v, mask, key_padding, alibi = ctx.saved_tensors
-    grads = attention_backward_op(grad_out.contiguous(), q, k, v, mask, key_padding, alibi, *ctx.arguments)
+    grads = attention_backward_op(
+        grad_out.contiguous(), grad_lse, q, k, v, mask, key_padding, alibi, *ctx.arguments
+    )
     return (*grads, None, None, None, None, None, None, None, None, None)
 
 

@@ -306,3 +306,17 @@ BAD = [
 def test_bad_input(call, error, words):
     with pytest.raises(error, match=words):
         call(*_qkv())
+
+
+def test_gradient_through_lse(backend_device):
+    """A loss that uses lse (e.g. a z-loss) gets its gradient too, not only the one through out."""
+    name, device = backend_device
+    q, k, v, kwargs = make_inputs(CASES[4], torch.float64, device)
+    inputs = [t.detach().requires_grad_() for t in (q, k, v)]
+    with fastattn.backend(name, "reference"):
+        out, lse = fastattn.attention(*inputs, return_lse=True, **kwargs)
+        ours = torch.autograd.grad(out.sum() + lse.square().sum(), inputs)
+    out, lse = reference_call(*inputs, kwargs)
+    truth = torch.autograd.grad(out.sum() + lse.square().sum(), inputs)
+    for arg, mine, true in zip("qkv", ours, truth):
+        assert_close(mine, true, atol=1e-10, name=f"grad {arg}")
