@@ -7,7 +7,7 @@ unavailable (``python -m fastattn.info``).
 from fastattn import backends, reference
 from fastattn.backends import BackendError, backend, record
 from fastattn.nn import Softmax
-from fastattn.ops.attention import attention, scaled_dot_product_attention
+from fastattn.ops.attention import attention, attention_with_kvcache, scaled_dot_product_attention
 from fastattn.ops.softmax import log_softmax, softmax
 
 __version__ = "0.1.0"
@@ -16,6 +16,7 @@ __all__ = [
     "BackendError",
     "Softmax",
     "attention",
+    "attention_with_kvcache",
     "backend",
     "backends",
     "log_softmax",

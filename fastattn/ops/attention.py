@@ -412,3 +412,79 @@ def _flatten_mask(mask: Tensor, lead: torch.Size, heads_and_l: torch.Size, seq_k
     """An SDPA mask broadcastable to (*lead, H, L, S) as a view broadcastable to (prod(lead), H, L, S)."""
     full = mask.expand(*lead, *heads_and_l, seq_k)
     return full.reshape(-1, *heads_and_l, seq_k) if len(lead) != 1 else full
+
+
+def attention_with_kvcache(
+    q: Tensor,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    cache_seqlens: Tensor,
+    k_new: Optional[Tensor] = None,
+    v_new: Optional[Tensor] = None,
+    *,
+    causal: bool = True,
+    scale: Optional[float] = None,
+    alibi_slopes: Optional[Tensor] = None,
+    window: Optional[tuple[int, int]] = None,
+    return_lse: bool = False,
+):
+    """Attention of a few new queries against a key/value cache, appending the new keys and values in place.
+
+    Args:
+        q: (batch, heads, n, head_dim), the n newest tokens' queries (decoding: n = 1).
+        k_cache, v_cache: (batch, kv_heads, max_seq, head_dim / head_dim_v); entries past each batch's
+            length are ignored.
+        cache_seqlens: (batch,) integers, each cache's length before this call.
+        k_new, v_new: (batch, kv_heads, n_new, ...) or None: written into the caches at positions
+            ``cache_seqlens[b] .. cache_seqlens[b] + n_new - 1`` (in place) before attending.
+        causal: query i sits at position ``length_b - n + i`` of its batch's sequence (length_b = cache_seqlens[b]
+            + n_new) and sees the keys up to it; otherwise every valid key.
+        scale, alibi_slopes, window, return_lse: as :func:`attention`, with positions counted per batch.
+
+    Returns:
+        out (batch, heads, n, head_dim_v) and, when ``return_lse``, lse (batch, heads, n).
+    """
+    name = "fastattn.attention_with_kvcache"
+    _check_qkv(q, k_cache, v_cache, name)
+    if not isinstance(cache_seqlens, Tensor) or cache_seqlens.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"{name}: cache_seqlens must be an int32 or int64 Tensor")
+    if cache_seqlens.shape != (q.shape[0],) or cache_seqlens.device != q.device:
+        raise ValueError(f"{name}: cache_seqlens must be ({q.shape[0]},) on {q.device}, "
+                         f"got {tuple(cache_seqlens.shape)} on {cache_seqlens.device}")
+    if (k_new is None) != (v_new is None):
+        raise ValueError(f"{name}: pass both k_new and v_new, or neither")
+    n_new = 0
+    if k_new is not None:
+        n_new = k_new.shape[2]
+        expected = (k_cache.shape[0], k_cache.shape[1], n_new)
+        for arg, new, cache in (("k_new", k_new, k_cache), ("v_new", v_new, v_cache)):
+            if new.shape != (*expected, cache.shape[3]) or new.dtype != cache.dtype or new.device != cache.device:
+                raise ValueError(f"{name}: {arg} must be {(*expected, cache.shape[3])} {cache.dtype} on "
+                                 f"{cache.device}, got {tuple(new.shape)} {new.dtype} on {new.device}")
+    lengths = cache_seqlens.long() + n_new
+    if bool(((cache_seqlens < 0) | (lengths > k_cache.shape[2])).any()):
+        raise ValueError(f"{name}: cache_seqlens + n_new must lie in [0, {k_cache.shape[2]}] (the caches' length)")
+    _check_alibi(alibi_slopes, q, name)
+    window_left, window_right = _check_window(window, name)
+    if k_new is not None:
+        positions = (cache_seqlens.long()[:, None] + torch.arange(n_new, device=q.device))[:, None, :, None]
+        for new, cache in ((k_new, k_cache), (v_new, v_cache)):
+            cache.scatter_(2, positions.expand_as(new), new)
+    keys = torch.arange(k_cache.shape[2], device=q.device)
+    # Key j relative to query i's position: j - (length_b - n + i), as (batch, 1, n, max_seq).
+    distance = keys - (lengths[:, None] - q.shape[2] + torch.arange(q.shape[2], device=q.device))[:, :, None]
+    distance = distance[:, None]
+    allowed = (keys < lengths[:, None, None, None]).expand_as(distance)
+    if causal:
+        window_right = 0 if window_right < 0 else min(window_right, 0)
+    if window_left >= 0:
+        allowed = allowed & (distance >= -window_left)
+    if window_right >= 0:
+        allowed = allowed & (distance <= window_right)
+    mask: Tensor = allowed
+    if alibi_slopes is not None:  # per-batch positions: ALiBi goes into a float mask (n x max_seq per head)
+        bias = -alibi_slopes.float().reshape(-1, q.shape[1])[:, :, None, None] * distance.abs().float()
+        mask = bias.masked_fill(~allowed, float("-inf"))
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    out, lse = attention_op(q, k_cache, v_cache, mask, None, None, scale, 0, -1, -1, 0.0, 0)
+    return (out, lse) if return_lse else out

@@ -484,3 +484,354 @@ def attention_forward(
         num_warps=num_warps, num_stages=num_stages,
     )
     return out, lse
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Backward (FlashAttention-2): P = exp(S - lse) is recomputed tile by tile from the forward's lse.
+#
+#     Delta_i = rowsum(dO_i * O_i)              (PyTorch, in ACC)
+#     dV = P^T dO,  dP = dO V^T,  dS = P * (dP - Delta),  dQ = scale dS K,  dK = scale dS^T Q
+#
+# One kernel per key block computes dK and dV (looping over the query heads of its kv head, GQA, and over the
+# query blocks whose window meets the key block); another per query block computes dQ (looping over the key
+# blocks the forward visits). No atomics. The lse handed to the kernels is +inf for queries that saw no key
+# (and for rows past Sq, by the load's default), so their P is exactly 0 and their gradients 0, never NaN.
+# ---------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _bwd_probs(
+    q, k, offs_m, offs_n, lse, MASK, stride_mm, stride_mn, KPAD, stride_pn,
+    slope, qk_scale, Sq, Sk, diagonal, window_left, window_right,
+    HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, HAS_KPAD: tl.constexpr, HAS_ALIBI: tl.constexpr,
+    HAS_WL: tl.constexpr, HAS_WR: tl.constexpr, BOUNDS: tl.constexpr, BASE2: tl.constexpr,
+    ACC: tl.constexpr, INTERPRET: tl.constexpr,
+):
+    """P = exp(s - lse) for a (BLOCK_M, BLOCK_N) tile; ``lse`` in the scores' base, +inf for empty rows."""
+    s = _score_tile(
+        q, k, offs_m, offs_n, MASK, stride_mm, stride_mn, KPAD, stride_pn,
+        slope, qk_scale, Sq, Sk, diagonal, window_left, window_right,
+        HAS_MASK, MASK_BOOL, HAS_KPAD, HAS_ALIBI, HAS_WL, HAS_WR, BOUNDS, BASE2, ACC, INTERPRET,
+    )
+    return _exp(s - lse[:, None], BASE2)
+
+
+@triton.jit
+def _attention_bwd_dkdv_kernel(
+    Q, K, V, DO,  # as in the forward; DO (B, Hq, Sq, Dv) with strides (stride_ob, stride_oh, stride_om, 1)
+    MASK, KPAD, ALIBI,
+    LSE,  # (B, Hq, Sq) contiguous, ACC, in the scores' base, +inf where the query saw no key
+    DELTA,  # (B, Hq, Sq) contiguous, ACC
+    DK, DV,  # (B, Hkv, Sk, D) / (B, Hkv, Sk, Dv) contiguous, k's / v's dtype
+    stride_qb, stride_qh, stride_qm,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_ob, stride_oh, stride_om,
+    stride_mb, stride_mh, stride_mm, stride_mn,
+    stride_pb, stride_pn,
+    stride_ab, stride_ah,
+    Hq, Hkv, Sq, Sk, kv_group, qk_scale, scale, diagonal, window_left, window_right,
+    HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, HAS_KPAD: tl.constexpr, HAS_ALIBI: tl.constexpr,
+    HAS_WL: tl.constexpr, HAS_WR: tl.constexpr, BASE2: tl.constexpr,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    ALIGN: tl.constexpr, ACC: tl.constexpr, INTERPRET: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    stride_qb, stride_qh, stride_qm = _aligned(stride_qb, ALIGN), _aligned(stride_qh, ALIGN), _aligned(stride_qm, ALIGN)
+    stride_kb, stride_kh, stride_kn = _aligned(stride_kb, ALIGN), _aligned(stride_kh, ALIGN), _aligned(stride_kn, ALIGN)
+    stride_vb, stride_vh, stride_vn = _aligned(stride_vb, ALIGN), _aligned(stride_vh, ALIGN), _aligned(stride_vn, ALIGN)
+    stride_ob, stride_oh, stride_om = _aligned(stride_ob, ALIGN), _aligned(stride_oh, ALIGN), _aligned(stride_om, ALIGN)
+    h_kv = tl.program_id(1).to(tl.int64)
+    b = tl.program_id(2).to(tl.int64)
+
+    n_start = pid_n * BLOCK_N
+    offs_n = n_start + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    k = _load_rows(K + b * stride_kb + h_kv * stride_kh, offs_n, offs_d, stride_kn, Sk, HEAD_DIM, True,
+                   HEAD_DIM != BLOCK_D)
+    v = _load_rows(V + b * stride_vb + h_kv * stride_vh, offs_n, offs_dv, stride_vn, Sk, HEAD_DIM_V, True,
+                   HEAD_DIM_V != BLOCK_DV)
+
+    # The queries that may see this key block: query i sees key j when
+    # j - diagonal - window_right <= i <= j - diagonal + window_left.
+    last_n = n_start + BLOCK_N - 1
+    lo = 0
+    if HAS_WR:
+        lo = tl.maximum(n_start - diagonal - window_right, 0) // BLOCK_M * BLOCK_M
+    hi = Sq
+    if HAS_WL:
+        hi = tl.minimum(last_n - diagonal + window_left + 1, Sq)
+    hi = tl.maximum(hi, 0)
+
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=ACC)
+    dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=ACC)
+    for g in range(0, kv_group):
+        h = h_kv * kv_group + g
+        Qh = Q + b * stride_qb + h * stride_qh
+        DOh = DO + b * stride_ob + h * stride_oh
+        MASKh = MASK + b * stride_mb + h * stride_mh
+        KPADb = KPAD + b * stride_pb
+        row = (b * Hq + h) * Sq
+        slope = 0.0
+        if HAS_ALIBI:
+            slope = tl.load(ALIBI + b * stride_ab + h * stride_ah).to(ACC)
+            if BASE2:
+                slope = slope * 1.4426950408889634  # log2(e)
+        for start_m in range(lo, hi, BLOCK_M):
+            offs_m = start_m + tl.arange(0, BLOCK_M)
+            q = _load_rows(Qh, offs_m, offs_d, stride_qm, Sq, HEAD_DIM, True, HEAD_DIM != BLOCK_D)
+            do = _load_rows(DOh, offs_m, offs_dv, stride_om, Sq, HEAD_DIM_V, True, HEAD_DIM_V != BLOCK_DV)
+            lse = tl.load(LSE + row + offs_m, mask=offs_m < Sq, other=float("inf"))
+            delta = tl.load(DELTA + row + offs_m, mask=offs_m < Sq, other=0.0)
+            p = _bwd_probs(
+                q, k, offs_m, offs_n, lse, MASKh, stride_mm, stride_mn, KPADb, stride_pn,
+                slope, qk_scale, Sq, Sk, diagonal, window_left, window_right,
+                HAS_MASK, MASK_BOOL, HAS_KPAD, HAS_ALIBI, HAS_WL, HAS_WR, True, BASE2, ACC, INTERPRET,
+            )  # (BLOCK_M, BLOCK_N)
+            dv = _dot(tl.trans(p).to(do.dtype), do, dv, INTERPRET)
+            dp = _dot(do, tl.trans(v), tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC), INTERPRET)
+            ds = p * (dp - delta[:, None])
+            dk = _dot(tl.trans(ds).to(q.dtype), q, dk, INTERPRET)
+    dk = dk * scale
+
+    row_ok = offs_n < Sk
+    krow = (b * Hkv + h_kv) * Sk + offs_n.to(tl.int64)
+    dk_ptrs = DK + krow[:, None] * HEAD_DIM + offs_d[None, :]
+    dv_ptrs = DV + krow[:, None] * HEAD_DIM_V + offs_dv[None, :]
+    if HEAD_DIM == BLOCK_D:
+        tl.store(dk_ptrs, dk.to(DK.dtype.element_ty), mask=row_ok[:, None])
+    else:
+        tl.store(dk_ptrs, dk.to(DK.dtype.element_ty), mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM))
+    if HEAD_DIM_V == BLOCK_DV:
+        tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=row_ok[:, None])
+    else:
+        tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=row_ok[:, None] & (offs_dv[None, :] < HEAD_DIM_V))
+
+
+@triton.jit
+def _dq_range(
+    dq, q, do, lse, delta, offs_m, start, end, K, V, stride_kn, stride_vn,
+    MASK, stride_mm, stride_mn, KPAD, stride_pn,
+    slope, qk_scale, Sq, Sk, diagonal, window_left, window_right,
+    HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, HAS_KPAD: tl.constexpr, HAS_ALIBI: tl.constexpr,
+    HAS_WL: tl.constexpr, HAS_WR: tl.constexpr, BOUNDS: tl.constexpr, BASE2: tl.constexpr,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    ACC: tl.constexpr, INTERPRET: tl.constexpr,
+):
+    """dQ (unscaled) accumulated over key blocks [start, end)."""
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    for start_n in range(start, end, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        k = _load_rows(K, offs_n, offs_d, stride_kn, Sk, HEAD_DIM, BOUNDS, HEAD_DIM != BLOCK_D)
+        v = _load_rows(V, offs_n, offs_dv, stride_vn, Sk, HEAD_DIM_V, BOUNDS, HEAD_DIM_V != BLOCK_DV)
+        p = _bwd_probs(
+            q, k, offs_m, offs_n, lse, MASK, stride_mm, stride_mn, KPAD, stride_pn,
+            slope, qk_scale, Sq, Sk, diagonal, window_left, window_right,
+            HAS_MASK, MASK_BOOL, HAS_KPAD, HAS_ALIBI, HAS_WL, HAS_WR, BOUNDS, BASE2, ACC, INTERPRET,
+        )
+        dp = _dot(do, tl.trans(v), tl.zeros([q.shape[0], BLOCK_N], dtype=ACC), INTERPRET)
+        ds = p * (dp - delta[:, None])
+        dq = _dot(ds.to(k.dtype), k, dq, INTERPRET)
+    return dq
+
+
+@triton.jit
+def _attention_bwd_dq_kernel(
+    Q, K, V, DO, MASK, KPAD, ALIBI, LSE, DELTA,
+    DQ,  # (B, Hq, Sq, D) contiguous, q's dtype
+    stride_qb, stride_qh, stride_qm,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_ob, stride_oh, stride_om,
+    stride_mb, stride_mh, stride_mm, stride_mn,
+    stride_pb, stride_pn,
+    stride_ab, stride_ah,
+    Hq, Sq, Sk, kv_group, qk_scale, scale, diagonal, window_left, window_right,
+    HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, HAS_KPAD: tl.constexpr, HAS_ALIBI: tl.constexpr,
+    HAS_WL: tl.constexpr, HAS_WR: tl.constexpr, BASE2: tl.constexpr,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    ALIGN: tl.constexpr, ACC: tl.constexpr, INTERPRET: tl.constexpr,
+):
+    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
+    stride_qb, stride_qh, stride_qm = _aligned(stride_qb, ALIGN), _aligned(stride_qh, ALIGN), _aligned(stride_qm, ALIGN)
+    stride_kb, stride_kh, stride_kn = _aligned(stride_kb, ALIGN), _aligned(stride_kh, ALIGN), _aligned(stride_kn, ALIGN)
+    stride_vb, stride_vh, stride_vn = _aligned(stride_vb, ALIGN), _aligned(stride_vh, ALIGN), _aligned(stride_vn, ALIGN)
+    stride_ob, stride_oh, stride_om = _aligned(stride_ob, ALIGN), _aligned(stride_oh, ALIGN), _aligned(stride_om, ALIGN)
+    h = tl.program_id(1).to(tl.int64)
+    b = tl.program_id(2).to(tl.int64)
+    h_kv = h // kv_group
+
+    m_start = pid_m * BLOCK_M
+    offs_m = m_start + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    q = _load_rows(Q + b * stride_qb + h * stride_qh, offs_m, offs_d, stride_qm, Sq, HEAD_DIM, True,
+                   HEAD_DIM != BLOCK_D)
+    do = _load_rows(DO + b * stride_ob + h * stride_oh, offs_m, offs_dv, stride_om, Sq, HEAD_DIM_V, True,
+                    HEAD_DIM_V != BLOCK_DV)
+    row = (b * Hq + h) * Sq
+    lse = tl.load(LSE + row + offs_m, mask=offs_m < Sq, other=float("inf"))
+    delta = tl.load(DELTA + row + offs_m, mask=offs_m < Sq, other=0.0)
+    K += b * stride_kb + h_kv * stride_kh
+    V += b * stride_vb + h_kv * stride_vh
+    MASK += b * stride_mb + h * stride_mh
+    KPAD += b * stride_pb
+    slope = 0.0
+    if HAS_ALIBI:
+        slope = tl.load(ALIBI + b * stride_ab + h * stride_ah).to(ACC)
+        if BASE2:
+            slope = slope * 1.4426950408889634  # log2(e)
+
+    # The same key ranges as the forward.
+    last_m = m_start + BLOCK_M - 1
+    lo = 0
+    full_lo = 0
+    if HAS_WL:
+        lo = tl.maximum(m_start + diagonal - window_left, 0) // BLOCK_N * BLOCK_N
+        full_lo = tl.maximum(last_m + diagonal - window_left, 0)
+        full_lo = (full_lo + BLOCK_N - 1) // BLOCK_N * BLOCK_N
+    hi = Sk
+    full_end = Sk
+    if HAS_WR:
+        hi = tl.minimum(last_m + diagonal + window_right + 1, Sk)
+        full_end = tl.minimum(m_start + diagonal + window_right + 1, Sk)
+    hi = tl.maximum(hi, 0)
+    full_lo = tl.minimum(tl.maximum(full_lo, lo), hi)
+    full_hi = tl.maximum(tl.maximum(full_end, 0) // BLOCK_N * BLOCK_N, full_lo)
+
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=ACC)
+    if HAS_WL:
+        dq = _dq_range(
+            dq, q, do, lse, delta, offs_m, lo, full_lo, K, V, stride_kn, stride_vn,
+            MASK, stride_mm, stride_mn, KPAD, stride_pn,
+            slope, qk_scale, Sq, Sk, diagonal, window_left, window_right,
+            HAS_MASK, MASK_BOOL, HAS_KPAD, HAS_ALIBI, HAS_WL, HAS_WR, True, BASE2,
+            HEAD_DIM, HEAD_DIM_V, BLOCK_N, BLOCK_D, BLOCK_DV, ACC, INTERPRET,
+        )
+    dq = _dq_range(
+        dq, q, do, lse, delta, offs_m, full_lo, full_hi, K, V, stride_kn, stride_vn,
+        MASK, stride_mm, stride_mn, KPAD, stride_pn,
+        slope, qk_scale, Sq, Sk, diagonal, window_left, window_right,
+        HAS_MASK, MASK_BOOL, HAS_KPAD, HAS_ALIBI, HAS_WL, HAS_WR, False, BASE2,
+        HEAD_DIM, HEAD_DIM_V, BLOCK_N, BLOCK_D, BLOCK_DV, ACC, INTERPRET,
+    )
+    dq = _dq_range(
+        dq, q, do, lse, delta, offs_m, full_hi, hi, K, V, stride_kn, stride_vn,
+        MASK, stride_mm, stride_mn, KPAD, stride_pn,
+        slope, qk_scale, Sq, Sk, diagonal, window_left, window_right,
+        HAS_MASK, MASK_BOOL, HAS_KPAD, HAS_ALIBI, HAS_WL, HAS_WR, True, BASE2,
+        HEAD_DIM, HEAD_DIM_V, BLOCK_N, BLOCK_D, BLOCK_DV, ACC, INTERPRET,
+    )
+    dq = dq * scale
+
+    row_ok = offs_m < Sq
+    dq_ptrs = DQ + (row + offs_m.to(tl.int64))[:, None] * HEAD_DIM + offs_d[None, :]
+    if HEAD_DIM == BLOCK_D:
+        tl.store(dq_ptrs, dq.to(DQ.dtype.element_ty), mask=row_ok[:, None])
+    else:
+        tl.store(dq_ptrs, dq.to(DQ.dtype.element_ty), mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM))
+
+
+def _bwd_config(dtype: torch.dtype, block_d: int, block_dv: int) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) of the backward kernels on a GPU. Not tuned: the dK/dV
+    program holds k, v, dk and dv tiles of BLOCK_N rows and streams q and dO, so tiles are smaller than the
+    forward's."""
+    width = max(block_d, block_dv)
+    if dtype == torch.float64:
+        return (16, 16, 4, 1) if width > 64 else (32, 32, 4, 1)
+    if dtype == torch.float32:
+        return (32, 32, 4, 1) if width > 64 else (64, 64, 4, 1)
+    if width <= 64:
+        return 64, 64, 4, 2
+    if width <= 128:
+        return 64, 64, 8, 2
+    return 32, 32, 4, 1
+
+
+def attention_backward(
+    grad_out: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    out: Tensor,
+    lse: Tensor,
+    mask: Optional[Tensor],
+    key_padding: Optional[Tensor],
+    alibi: Optional[Tensor],
+    scale: float,
+    diagonal: int,
+    window_left: int,
+    window_right: int,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Attention backward; returns (dq, dk, dv), contiguous, in q's / k's / v's shapes and dtypes.
+
+    Inputs as :func:`attention_forward`; ``grad_out`` (B, Hq, Sq, Dv) with unit stride over the last dim;
+    ``out`` and ``lse`` are the forward's outputs. Queries that saw no key (lse -inf) get zero gradients.
+    """
+    batch, heads, seq_q, head_dim = q.shape
+    heads_kv, seq_k, head_dim_v = k.shape[1], k.shape[2], v.shape[3]
+    acc_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    dq = torch.zeros(q.shape, dtype=q.dtype, device=q.device)
+    dk = torch.zeros(k.shape, dtype=k.dtype, device=k.device)
+    dv = torch.zeros(v.shape, dtype=v.dtype, device=v.device)
+    if seq_q == 0 or seq_k == 0 or batch == 0 or heads == 0:
+        return dq, dk, dv
+
+    interpret = _interpreting()
+    base2 = q.dtype != torch.float64
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    block_dv = max(16, triton.next_power_of_2(head_dim_v))
+    if interpret:
+        block_m = block_n = INTERPRETER_BLOCK
+        num_warps, num_stages = 4, 1
+    else:
+        block_m, block_n, num_warps, num_stages = _bwd_config(q.dtype, block_d, block_dv)
+
+    delta = (grad_out.to(acc_dtype) * out.to(acc_dtype)).sum(-1).contiguous()  # (B, Hq, Sq)
+    lse_k = lse.to(acc_dtype).masked_fill(lse == float("-inf"), float("inf"))
+    lse_k = (lse_k * LOG2E if base2 else lse_k).contiguous()
+
+    if mask is None:
+        mask_arg, mask_strides, mask_bool = q, (0, 0, 0, 0), False
+    else:
+        mask_bool = mask.dtype == torch.bool
+        mask_arg, mask_strides = (mask.view(torch.uint8) if mask_bool else mask), mask.stride()
+    if key_padding is None:
+        pad_arg, pad_strides = q, (0, 0)
+    else:
+        pad_arg, pad_strides = key_padding.view(torch.uint8), key_padding.stride()
+    alibi_arg, alibi_strides = (q, (0, 0)) if alibi is None else (alibi, alibi.stride())
+
+    q_strides, k_strides, v_strides = _row_strides(q), _row_strides(k), _row_strides(v)
+    o_strides = _row_strides(grad_out)
+    common = dict(
+        HAS_MASK=mask is not None, MASK_BOOL=mask_bool, HAS_KPAD=key_padding is not None,
+        HAS_ALIBI=alibi is not None, HAS_WL=window_left >= 0, HAS_WR=window_right >= 0,
+        BASE2=base2,
+        HEAD_DIM=head_dim, HEAD_DIM_V=head_dim_v,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_DV=block_dv,
+        ALIGN=_alignment(q_strides + k_strides + v_strides + o_strides),
+        ACC=tl.float64 if acc_dtype == torch.float64 else tl.float32,
+        INTERPRET=interpret,
+        num_warps=num_warps, num_stages=num_stages,
+    )
+    qk_scale = scale * LOG2E if base2 else scale
+    strides = (*q_strides, *k_strides, *v_strides, *o_strides, *mask_strides, *pad_strides, *alibi_strides)
+    _attention_bwd_dkdv_kernel[(triton.cdiv(seq_k, block_n), heads_kv, batch)](
+        q, k, v, grad_out, mask_arg, pad_arg, alibi_arg, lse_k, delta, dk, dv,
+        *strides,
+        heads, heads_kv, seq_q, seq_k, heads // heads_kv, qk_scale, scale, diagonal, window_left, window_right,
+        **common,
+    )
+    _attention_bwd_dq_kernel[(triton.cdiv(seq_q, block_m), heads, batch)](
+        q, k, v, grad_out, mask_arg, pad_arg, alibi_arg, lse_k, delta, dq,
+        *strides,
+        heads, seq_q, seq_k, heads // heads_kv, qk_scale, scale, diagonal, window_left, window_right,
+        **common,
+    )
+    return dq, dk, dv

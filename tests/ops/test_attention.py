@@ -320,3 +320,50 @@ def test_gradient_through_lse(backend_device):
     truth = torch.autograd.grad(out.sum() + lse.square().sum(), inputs)
     for arg, mine, true in zip("qkv", ours, truth):
         assert_close(mine, true, atol=1e-10, name=f"grad {arg}")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# KV-cache decoding.
+# ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("n_new", [0, 1, 3], ids=lambda n: f"new{n}")
+@pytest.mark.parametrize("features", ["plain", "window-alibi", "noncausal"])
+def test_attention_with_kvcache(backend_device, n_new, features):
+    """Against per-batch attention over the sequences the caches hold after appending."""
+    name, device = backend_device
+    g = torch.Generator().manual_seed(2)
+    batch, heads, kv_heads, max_seq, dim, n_q = 3, 4, 2, 40, 16, max(n_new, 2)
+    rand = lambda *shape: torch.randn(*shape, generator=g).to(device)  # noqa: E731
+    q, k_cache, v_cache = rand(batch, heads, n_q, dim), rand(batch, kv_heads, max_seq, dim), rand(batch, kv_heads, max_seq, dim)
+    k_new, v_new = (rand(batch, kv_heads, n_new, dim) for _ in range(2)) if n_new else (None, None)
+    cache_seqlens = torch.tensor([5, 0 if n_new else 2, 37 - n_new], device=device)
+    kwargs = dict(causal=features != "noncausal")
+    if features == "window-alibi":
+        kwargs.update(window=(6, 0), alibi_slopes=torch.rand(heads, generator=g).to(device))
+    expected_k, expected_v = k_cache.clone(), v_cache.clone()
+    with fastattn.backend(name, "reference"):
+        out, lse = fastattn.attention_with_kvcache(
+            q, k_cache, v_cache, cache_seqlens, k_new, v_new, return_lse=True, **kwargs
+        )
+    for b in range(batch):
+        start, length = int(cache_seqlens[b]), int(cache_seqlens[b]) + n_new
+        if n_new:
+            expected_k[b, :, start:length], expected_v[b, :, start:length] = k_new[b], v_new[b]
+        torch.testing.assert_close(k_cache[b], expected_k[b], rtol=0, atol=0)  # appended in place, nothing else
+        torch.testing.assert_close(v_cache[b], expected_v[b], rtol=0, atol=0)
+        keys, values = expected_k[b : b + 1, :, :length].double(), expected_v[b : b + 1, :, :length].double()
+        slopes = kwargs.get("alibi_slopes")
+        truth_out, truth_lse = reference.attention(
+            q[b : b + 1].double(), keys, values, None, None, slopes, None, length - n_q,
+            *(kwargs.get("window") or (-1, -1))[:1], 0 if kwargs["causal"] else -1,
+        )  # fmt: skip
+        assert_close(out[b : b + 1], truth_out, atol=1e-5, name=f"out of batch {b}")
+        assert_close(lse[b : b + 1], truth_lse, atol=1e-5, name=f"lse of batch {b}")
+
+
+def test_attention_with_kvcache_refuses_overflow():
+    q, cache = torch.randn(1, 2, 1, 8), torch.randn(1, 2, 4, 8)
+    new = torch.randn(1, 2, 2, 8)
+    with pytest.raises(ValueError, match=r"cache_seqlens \+ n_new must lie in \[0, 4\]"):
+        fastattn.attention_with_kvcache(q, cache, cache.clone(), torch.tensor([3]), new, new)
