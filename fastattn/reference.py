@@ -166,9 +166,11 @@ def attention(
     s = attention_scores(
         q, k, mask, key_padding_mask, alibi_slopes, scale, diagonal, window_left, window_right, upcast
     )
-    lse = torch.logsumexp(s, dim=-1)
-    empty = lse == float("-inf")
-    p = torch.exp(s - lse.masked_fill(empty, 0.0).unsqueeze(-1))
+    # A query that sees no key: lse -inf, p 0, and no NaN from logsumexp's gradient over an all -inf row.
+    empty = (s == float("-inf")).all(dim=-1, keepdim=True)
+    lse_safe = torch.logsumexp(s.masked_fill(empty, 0.0), dim=-1, keepdim=True).masked_fill(empty, 0.0)
+    lse = lse_safe.masked_fill(empty, float("-inf")).squeeze(-1)
+    p = torch.exp(s - lse_safe)
     if dropout_mask is not None:
         p = p.masked_fill(~dropout_mask, 0.0) / (1.0 - dropout_p)
     v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)

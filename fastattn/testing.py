@@ -58,5 +58,8 @@ def assert_error_ratio(
     the same dtype) against the float64 ``truth``, plus :func:`floor`."""
     finite = torch.isfinite(truth)
     magnitude = truth[finite].abs().max().item() if finite.any() else 1.0
-    allowed = ratio * max_error(baseline, truth) + floor(actual.dtype, magnitude)
+    baseline_error = max_error(baseline, truth)
+    if baseline_error != baseline_error:  # NaN: the rule would allow anything
+        raise AssertionError(f"{name}: the baseline has NaN where the truth is finite; fix the baseline")
+    allowed = ratio * baseline_error + floor(actual.dtype, magnitude)
     assert_close(actual, truth, atol=allowed, name=name)

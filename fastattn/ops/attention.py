@@ -10,7 +10,7 @@ broadcast); an optional (B, Sk) key-padding view; optional (B, Hq) ALiBi slopes;
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor
@@ -141,11 +141,37 @@ FORWARD_CHECKS = {
     "cpu": _forward_check(FLOAT_DTYPES, dropout=False),
     "reference": _forward_check(FLOAT_DTYPES, dropout=True),
 }
-# The backward runs the reference until the kernels get their own (issue 3); the fallback is logged.
+def _has_cpu_backward() -> bool:
+    try:  # an extension built before the op existed does not know it
+        return torch._C._dispatch_has_kernel_for_dispatch_key("fastattn_C::attention_backward", "CPU")
+    except RuntimeError:
+        return False
+
+
+def _has_triton_backward() -> bool:
+    from fastattn.triton_kernels import attention as kernels  # noqa: PLC0415
+
+    return hasattr(kernels, "attention_backward")
+
+
+def _backward_check(dtypes, available: Callable[[], bool], what: str):
+    def check(q: Tensor, dropout_p: float) -> Optional[str]:
+        if not available():
+            return f"no {what} attention backward yet (issue 3)"
+        if q.dtype not in dtypes:
+            return f"dtype {q.dtype} is not one of {dtypes}"
+        if dropout_p > 0:
+            return "dropout is not in this kernel yet (issue 3)"
+        return None
+
+    return check
+
+
+# Backends without a backward kernel fall back to the reference (which materialises Sq x Sk); logged at INFO.
 BACKWARD_CHECKS = {
     "cuda": lambda *_: "no CUDA C++ attention backward yet (issue 3)",
-    "triton": lambda *_: "no Triton attention backward yet (issue 3)",
-    "cpu": lambda *_: "no C++ CPU attention backward yet (issue 3)",
+    "triton": _backward_check(FLOAT_DTYPES, _has_triton_backward, "Triton"),
+    "cpu": _backward_check(FLOAT_DTYPES, _has_cpu_backward, "C++ CPU"),
     "reference": lambda *_: None,
 }
 
@@ -156,6 +182,14 @@ def _forward_kernel(name: str):
 
         return attention_forward
     return torch.ops.fastattn_C.attention_forward
+
+
+def _backward_kernel(name: str):
+    if name == "triton":
+        from fastattn.triton_kernels.attention import attention_backward  # noqa: PLC0415
+
+        return attention_backward
+    return torch.ops.fastattn_C.attention_backward
 
 
 def _last_dim_unit(t: Tensor) -> Tensor:
@@ -233,6 +267,8 @@ def attention_backward_op(
     q: Tensor,
     k: Tensor,
     v: Tensor,
+    out: Tensor,
+    lse: Tensor,
     mask: Optional[Tensor],
     key_padding: Optional[Tensor],
     alibi: Optional[Tensor],
@@ -244,31 +280,39 @@ def attention_backward_op(
     seed: int,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(dq, dk, dv) of ``fastattn::attention`` for the incoming gradients of out and lse (None: zero)."""
-    backends.select("attention_backward", q.device, BACKWARD_CHECKS)
-    shape = (q.shape[0], q.shape[1], q.shape[2], k.shape[2])
-    grads = reference.attention_backward(
-        grad_out, q, k, v, mask, key_padding, alibi, scale, diagonal, window_left, window_right,
-        _dropout_mask(dropout_p, seed, shape, q.device), dropout_p, grad_lse,
+    name = backends.select("attention_backward", q.device, BACKWARD_CHECKS, q, dropout_p)
+    seq_k = k.shape[2]
+    if name == "reference" or q.numel() == 0 or seq_k == 0:
+        shape = (q.shape[0], q.shape[1], q.shape[2], seq_k)
+        grads = reference.attention_backward(
+            grad_out, q, k, v, mask, key_padding, alibi, scale, diagonal, window_left, window_right,
+            _dropout_mask(dropout_p, seed, shape, q.device), dropout_p, grad_lse,
+        )  # fmt: skip
+        return tuple(g.contiguous() for g in grads)
+    # delta = rowsum(dO * O) - dlse: the row term of dS = P * (dP - delta)
+    delta = (grad_out.to(lse.dtype) * out.to(lse.dtype)).sum(-1)
+    if grad_lse is not None:
+        delta = delta - grad_lse.to(lse.dtype)
+    return _backward_kernel(name)(
+        grad_out, _last_dim_unit(q), _last_dim_unit(k), _last_dim_unit(v), lse, delta,
+        _kernel_mask(mask, q, seq_k), key_padding, _kernel_alibi(alibi, q), scale, diagonal, window_left,
+        window_right,
     )  # fmt: skip
-    return tuple(g.contiguous() for g in grads)
 
 
 @attention_backward_op.register_fake
 def _(grad_out, grad_lse, q, k, v, *_):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    return tuple(torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v))
 
 
 def _setup_context(ctx, inputs, output):
     q, k, v, mask, key_padding, alibi = inputs[:6]
-    ctx.save_for_backward(q, k, v, mask, key_padding, alibi)
+    ctx.save_for_backward(q, k, v, *output, mask, key_padding, alibi)
     ctx.arguments = inputs[6:]
 
 
 def _backward(ctx, grad_out, grad_lse):
-    q, k, v, mask, key_padding, alibi = ctx.saved_tensors
-    grads = attention_backward_op(
-        grad_out.contiguous(), grad_lse, q, k, v, mask, key_padding, alibi, *ctx.arguments
-    )
+    grads = attention_backward_op(grad_out.contiguous(), grad_lse, *ctx.saved_tensors, *ctx.arguments)
     return (*grads, None, None, None, None, None, None, None, None, None)
 
 

@@ -758,8 +758,8 @@ def attention_backward(
     q: Tensor,
     k: Tensor,
     v: Tensor,
-    out: Tensor,
     lse: Tensor,
+    delta: Tensor,
     mask: Optional[Tensor],
     key_padding: Optional[Tensor],
     alibi: Optional[Tensor],
@@ -771,16 +771,17 @@ def attention_backward(
     """Attention backward; returns (dq, dk, dv), contiguous, in q's / k's / v's shapes and dtypes.
 
     Inputs as :func:`attention_forward`; ``grad_out`` (B, Hq, Sq, Dv) with unit stride over the last dim;
-    ``out`` and ``lse`` are the forward's outputs. Queries that saw no key (lse -inf) get zero gradients.
+    ``lse`` the forward's; ``delta`` (B, Hq, Sq) = rowsum(grad_out * out) - grad_lse, in lse's dtype. Queries
+    that saw no key (lse -inf) get zero gradients.
     """
     batch, heads, seq_q, head_dim = q.shape
     heads_kv, seq_k, head_dim_v = k.shape[1], k.shape[2], v.shape[3]
     acc_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
-    dq = torch.zeros(q.shape, dtype=q.dtype, device=q.device)
-    dk = torch.zeros(k.shape, dtype=k.dtype, device=k.device)
-    dv = torch.zeros(v.shape, dtype=v.dtype, device=v.device)
+    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
+    dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
     if seq_q == 0 or seq_k == 0 or batch == 0 or heads == 0:
-        return dq, dk, dv
+        return dq.zero_(), dk.zero_(), dv.zero_()
 
     interpret = _interpreting()
     base2 = q.dtype != torch.float64
@@ -792,7 +793,7 @@ def attention_backward(
     else:
         block_m, block_n, num_warps, num_stages = _bwd_config(q.dtype, block_d, block_dv)
 
-    delta = (grad_out.to(acc_dtype) * out.to(acc_dtype)).sum(-1).contiguous()  # (B, Hq, Sq)
+    delta = delta.to(acc_dtype).contiguous()  # (B, Hq, Sq)
     lse_k = lse.to(acc_dtype).masked_fill(lse == float("-inf"), float("inf"))
     lse_k = (lse_k * LOG2E if base2 else lse_k).contiguous()
 
