@@ -36,4 +36,18 @@ struct AttentionForwardArgs {
   int64_t window_right;       // -1: unbounded; 0 with causal masking
 };
 
+// The gradients of the forward above (delta_i = rowsum(grad_out_i * out_i) - grad_lse_i):
+//   P = exp(S - lse) (0 for a query with lse -inf), dV = P^T dO, dP = dO V^T, dS = P * (dP - delta),
+//   dQ = scale dS K, dK = scale dS^T Q; dK and dV of a kv head sum over the query heads that share it.
+struct AttentionBackwardArgs {
+  AttentionForwardArgs forward;  // q, k, v, masks, sizes, scale and window; forward.out and forward.lse unused
+  const void* grad_out;          // (batch, heads_q, seq_q, head_dim_v), strides grad_out_stride, unit over head_dim_v
+  int64_t grad_out_stride[3];
+  const void* lse;               // contiguous (batch, heads_q, seq_q), float32 (float64 for a float64 q)
+  const void* delta;             // contiguous (batch, heads_q, seq_q), the same type
+  void* dq;                      // contiguous (batch, heads_q, seq_q, head_dim), dtype of q
+  void* dk;                      // contiguous (batch, heads_kv, seq_k, head_dim)
+  void* dv;                      // contiguous (batch, heads_kv, seq_k, head_dim_v)
+};
+
 }  // namespace fastattn

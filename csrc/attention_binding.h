@@ -17,8 +17,8 @@ inline AttentionForwardArgs attention_forward_args(const at::Tensor& q, const at
                                                    const std::optional<at::Tensor>& key_padding,
                                                    const std::optional<at::Tensor>& alibi, double scale,
                                                    int64_t diagonal, int64_t window_left, int64_t window_right,
-                                                   at::Tensor& out, at::Tensor& lse) {
-  constexpr const char* op = "attention_forward";
+                                                   at::Tensor& out, at::Tensor& lse,
+                                                   const char* op = "attention_forward") {
   TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, op, ": q, k, v must be 4-D (B, H, S, D), got ",
               q.sizes(), ", ", k.sizes(), ", ", v.sizes());
   TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(), op,
@@ -98,6 +98,54 @@ inline AttentionForwardArgs attention_forward_args(const at::Tensor& q, const at
   a.diagonal = diagonal;
   a.window_left = window_left;
   a.window_right = window_right;
+  return a;
+}
+
+// Validates the arguments of attention_backward (csrc/fastattn.cpp), allocates dq, dk, dv contiguous in q's
+// dtype and packs the arguments. lse and delta must be contiguous (the caller makes them so and keeps them).
+inline AttentionBackwardArgs attention_backward_args(const at::Tensor& grad_out, const at::Tensor& q,
+                                                     const at::Tensor& k, const at::Tensor& v, const at::Tensor& lse,
+                                                     const at::Tensor& delta, const std::optional<at::Tensor>& mask,
+                                                     const std::optional<at::Tensor>& key_padding,
+                                                     const std::optional<at::Tensor>& alibi, double scale,
+                                                     int64_t diagonal, int64_t window_left, int64_t window_right,
+                                                     at::Tensor& dq, at::Tensor& dk, at::Tensor& dv) {
+  constexpr const char* op = "attention_backward";
+  AttentionBackwardArgs a{};
+  at::Tensor unused_out, unused_lse;
+  a.forward = attention_forward_args(q, k, v, mask, key_padding, alibi, scale, diagonal, window_left, window_right,
+                                     unused_out, unused_lse, op);
+  a.forward.out = nullptr;
+  a.forward.lse = nullptr;
+  const int64_t batch = q.size(0), heads_q = q.size(1), seq_q = q.size(2);
+  TORCH_CHECK(grad_out.dim() == 4 && grad_out.size(0) == batch && grad_out.size(1) == heads_q &&
+                  grad_out.size(2) == seq_q && grad_out.size(3) == v.size(3),
+              op, ": grad_out must be (B, Hq, Sq, Dv) = (", batch, ", ", heads_q, ", ", seq_q, ", ", v.size(3),
+              "), got ", grad_out.sizes());
+  TORCH_CHECK(grad_out.scalar_type() == q.scalar_type(), op, ": grad_out must have q's dtype ", q.scalar_type(),
+              ", got ", grad_out.scalar_type());
+  TORCH_CHECK(grad_out.device() == q.device(), op, ": grad_out must be on ", q.device());
+  TORCH_CHECK(grad_out.size(3) <= 1 || grad_out.stride(3) == 1, op,
+              ": grad_out must have unit stride over the head dim");
+  const at::ScalarType stat_type = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  for (const at::Tensor* t : {&lse, &delta}) {
+    TORCH_CHECK(t->dim() == 3 && t->size(0) == batch && t->size(1) == heads_q && t->size(2) == seq_q, op,
+                ": lse and delta must be (B, Hq, Sq) = (", batch, ", ", heads_q, ", ", seq_q, "), got ", t->sizes());
+    TORCH_CHECK(t->scalar_type() == stat_type, op, ": lse and delta must be ", stat_type, ", got ", t->scalar_type());
+    TORCH_CHECK(t->device() == q.device(), op, ": lse and delta must be on ", q.device());
+    TORCH_CHECK(t->is_contiguous(), op, ": lse and delta must be contiguous");
+  }
+  const auto options = q.options().memory_format(at::MemoryFormat::Contiguous);
+  dq = at::empty(q.sizes(), options);
+  dk = at::empty(k.sizes(), options);
+  dv = at::empty(v.sizes(), options);
+  a.grad_out = grad_out.data_ptr();
+  for (int i = 0; i < 3; ++i) a.grad_out_stride[i] = grad_out.stride(i);
+  a.lse = lse.data_ptr();
+  a.delta = delta.data_ptr();
+  a.dq = dq.data_ptr();
+  a.dk = dk.data_ptr();
+  a.dv = dv.data_ptr();
   return a;
 }
 

@@ -19,4 +19,10 @@ TORCH_LIBRARY(fastattn_C, m) {
   // Returns out (B, Hq, Sq, Dv) contiguous in q.dtype and lse (B, Hq, Sq) float32 (float64 for float64).
   m.def("attention_forward(Tensor q, Tensor k, Tensor v, Tensor? mask, Tensor? key_padding, Tensor? alibi, "
         "float scale, int diagonal, int window_left, int window_right) -> (Tensor, Tensor)");
+  // The gradients of attention_forward: grad_out (B, Hq, Sq, Dv) and q, k, v, mask, key_padding, alibi as in the
+  // forward; lse (B, Hq, Sq) the forward's; delta (B, Hq, Sq) = rowsum(grad_out * out) - grad_lse, float32
+  // (float64 for float64). Returns dq (B, Hq, Sq, D), dk (B, Hkv, Sk, D), dv (B, Hkv, Sk, Dv) in q.dtype.
+  m.def("attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor lse, Tensor delta, Tensor? mask, "
+        "Tensor? key_padding, Tensor? alibi, float scale, int diagonal, int window_left, int window_right) "
+        "-> (Tensor, Tensor, Tensor)");
 }

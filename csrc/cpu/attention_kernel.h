@@ -18,4 +18,12 @@ int64_t attention_forward_cpu_grain(const AttentionForwardArgs& args);
 // Runs tasks [task_begin, task_end).
 void attention_forward_cpu(const AttentionForwardArgs& args, int64_t task_begin, int64_t task_end);
 
+// The backward in two passes. Pass 1 (dK, dV): one task per (batch, kv head, block of keys), writing only its
+// rows of dk and dv. Pass 2 (dQ): the forward's tasks (attention_forward_cpu_tasks / _grain on args.forward),
+// writing only their rows of dq. Pass 2 does not read pass 1's outputs: the passes may run in either order.
+int64_t attention_backward_cpu_kv_tasks(const AttentionBackwardArgs& args);
+int64_t attention_backward_cpu_kv_grain(const AttentionBackwardArgs& args);
+void attention_backward_cpu_kv(const AttentionBackwardArgs& args, int64_t task_begin, int64_t task_end);
+void attention_backward_cpu_q(const AttentionBackwardArgs& args, int64_t task_begin, int64_t task_end);
+
 }  // namespace fastattn
