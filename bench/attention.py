@@ -112,14 +112,22 @@ def providers(point: Point, mode: str, device: torch.device) -> Iterator[Provide
     yield from harness.fastattn_providers(device, run(fastattn_attention))
 
 
-TARGETS = (
+TARGETS = (  # issue 3: forward >= 1x SDPA and >= 3x the math path; forward+backward >= 1x SDPA
     Target(
         device_type="cpu",
-        modes=("forward", "forward+backward"),
+        modes=("forward",),
         providers=("fastattn-cpu",),
         scope="fp32 B4 H8 S512 D64",
         covers=lambda row: row["shape"] == "4x8x512x64",
         min_speedup={"torch": 1.0, "torch-math": 3.0},
+    ),
+    Target(
+        device_type="cpu",
+        modes=("forward+backward",),
+        providers=("fastattn-cpu",),
+        scope="fp32 B4 H8 S512 D64",
+        covers=lambda row: row["shape"] == "4x8x512x64",
+        min_speedup={"torch": 1.0},
     ),
 )
 
