@@ -5,20 +5,22 @@
 #include <ATen/ops/empty.h>
 #include <c10/util/Optional.h>
 
+#include <cmath>
+#include <cstdint>
+
 #include "attention.h"
 #include "binding.h"
 
 namespace fastattn {
 
-// Validates the layout documented in csrc/fastattn.cpp (attention_forward), allocates out (B, Hq, Sq, Dv) in
-// q's dtype and lse (B, Hq, Sq) in float32 (float64 for float64 q), both contiguous, and packs the arguments.
+// Validates the layout documented in csrc/fastattn.cpp (attention_forward) and packs the arguments; out and lse
+// are left for attention_forward_outputs.
 inline AttentionForwardArgs attention_forward_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                                    const std::optional<at::Tensor>& mask,
                                                    const std::optional<at::Tensor>& key_padding,
                                                    const std::optional<at::Tensor>& alibi, double scale,
                                                    int64_t diagonal, int64_t window_left, int64_t window_right,
-                                                   at::Tensor& out, at::Tensor& lse,
-                                                   const char* op = "attention_forward") {
+                                                   double dropout_p, int64_t seed, const char* op) {
   TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, op, ": q, k, v must be 4-D (B, H, S, D), got ",
               q.sizes(), ", ", k.sizes(), ", ", v.sizes());
   TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(), op,
@@ -37,12 +39,14 @@ inline AttentionForwardArgs attention_forward_args(const at::Tensor& q, const at
   TORCH_CHECK(v.size(3) <= 1 || v.stride(3) == 1, op, ": v must have unit stride over the head dim");
   TORCH_CHECK(window_left >= -1 && window_right >= -1, op, ": window bounds must be -1 (unbounded) or >= 0, got ",
               window_left, ", ", window_right);
+  TORCH_CHECK(dropout_p >= 0.0 && dropout_p < 1.0, op, ": dropout_p must be in [0, 1), got ", dropout_p);
+  // Philox counters are 32-bit words (csrc/philox.h).
+  TORCH_CHECK(dropout_p == 0.0 || (seq_q <= UINT32_MAX && seq_k <= UINT32_MAX && batch * heads_q <= UINT32_MAX), op,
+              ": dropout indexes (batch * heads, seq_q, seq_k) in 32 bits each, got ", batch * heads_q, ", ", seq_q,
+              ", ", seq_k);
 
   AttentionForwardArgs a{};
   a.dtype = dtype_of(q);
-  const at::ScalarType lse_type = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  out = at::empty({batch, heads_q, seq_q, head_dim_v}, q.options().memory_format(at::MemoryFormat::Contiguous));
-  lse = at::empty({batch, heads_q, seq_q}, q.options().dtype(lse_type).memory_format(at::MemoryFormat::Contiguous));
   a.q = q.data_ptr();
   a.k = k.data_ptr();
   a.v = v.data_ptr();
@@ -92,13 +96,30 @@ inline AttentionForwardArgs attention_forward_args(const at::Tensor& q, const at
     a.alibi = s.data_ptr<float>();
     for (int i = 0; i < 2; ++i) a.alibi_stride[i] = s.stride(i);
   }
-  a.out = out.data_ptr();
-  a.lse = lse.data_ptr();
   a.scale = scale;
   a.diagonal = diagonal;
   a.window_left = window_left;
   a.window_right = window_right;
+  a.dropout.on = dropout_p > 0.0;
+  if (a.dropout.on) {
+    a.dropout.threshold = static_cast<uint32_t>(std::ldexp(dropout_p, 32));  // exact, then floored
+    a.dropout.scale = 1.0 / (1.0 - dropout_p);
+    a.dropout.key0 = static_cast<uint32_t>(static_cast<uint64_t>(seed));
+    a.dropout.key1 = static_cast<uint32_t>(static_cast<uint64_t>(seed) >> 32);
+  }
   return a;
+}
+
+// Allocates the forward's outputs for q (B, Hq, Sq, D) and v (..., Dv): out (B, Hq, Sq, Dv) in q's dtype and lse
+// (B, Hq, Sq) in float32 (float64 for float64 q), both contiguous, and points args at them.
+inline void attention_forward_outputs(const at::Tensor& q, const at::Tensor& v, AttentionForwardArgs& args,
+                                      at::Tensor& out, at::Tensor& lse) {
+  const at::ScalarType lse_type = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const auto options = q.options().memory_format(at::MemoryFormat::Contiguous);
+  out = at::empty({q.size(0), q.size(1), q.size(2), v.size(3)}, options);
+  lse = at::empty({q.size(0), q.size(1), q.size(2)}, options.dtype(lse_type));
+  args.out = out.data_ptr();
+  args.lse = lse.data_ptr();
 }
 
 // Validates the arguments of attention_backward (csrc/fastattn.cpp), allocates dq, dk, dv contiguous in q's
@@ -109,14 +130,12 @@ inline AttentionBackwardArgs attention_backward_args(const at::Tensor& grad_out,
                                                      const std::optional<at::Tensor>& key_padding,
                                                      const std::optional<at::Tensor>& alibi, double scale,
                                                      int64_t diagonal, int64_t window_left, int64_t window_right,
-                                                     at::Tensor& dq, at::Tensor& dk, at::Tensor& dv) {
+                                                     double dropout_p, int64_t seed, at::Tensor& dq, at::Tensor& dk,
+                                                     at::Tensor& dv) {
   constexpr const char* op = "attention_backward";
   AttentionBackwardArgs a{};
-  at::Tensor unused_out, unused_lse;
   a.forward = attention_forward_args(q, k, v, mask, key_padding, alibi, scale, diagonal, window_left, window_right,
-                                     unused_out, unused_lse, op);
-  a.forward.out = nullptr;
-  a.forward.lse = nullptr;
+                                     dropout_p, seed, op);
   const int64_t batch = q.size(0), heads_q = q.size(1), seq_q = q.size(2);
   TORCH_CHECK(grad_out.dim() == 4 && grad_out.size(0) == batch && grad_out.size(1) == heads_q &&
                   grad_out.size(2) == seq_q && grad_out.size(3) == v.size(3),

@@ -15,14 +15,15 @@ TORCH_LIBRARY(fastattn_C, m) {
   m.def("softmax_backward(Tensor grad, Tensor out, float scale, bool log) -> Tensor");
   // q: (B, Hq, Sq, D), k: (B, Hkv, Sk, D), v: (B, Hkv, Sk, Dv), unit stride over the last dim; mask: None or
   // (B, Hq, Sq, Sk), any strides, bool (True = attend) / q.dtype / float32 (added); key_padding: None or
-  // (B, Sk) bool, True = padding; alibi: None or (B, Hq) float32 slopes, any strides. See csrc/attention.h.
+  // (B, Sk) bool, True = padding; alibi: None or (B, Hq) float32 slopes, any strides; dropout_p in [0, 1) with
+  // the 64-bit Philox seed (csrc/philox.h). See csrc/attention.h.
   // Returns out (B, Hq, Sq, Dv) contiguous in q.dtype and lse (B, Hq, Sq) float32 (float64 for float64).
   m.def("attention_forward(Tensor q, Tensor k, Tensor v, Tensor? mask, Tensor? key_padding, Tensor? alibi, "
-        "float scale, int diagonal, int window_left, int window_right) -> (Tensor, Tensor)");
+        "float scale, int diagonal, int window_left, int window_right, float dropout_p, int seed) -> (Tensor, Tensor)");
   // The gradients of attention_forward: grad_out (B, Hq, Sq, Dv) and q, k, v, mask, key_padding, alibi as in the
-  // forward; lse (B, Hq, Sq) the forward's; delta (B, Hq, Sq) = rowsum(grad_out * out) - grad_lse, float32
+  // forward (the same dropout_p and seed replay the forward's dropout); lse (B, Hq, Sq) the forward's; delta (B, Hq, Sq) = rowsum(grad_out * out) - grad_lse, float32
   // (float64 for float64). Returns dq (B, Hq, Sq, D), dk (B, Hkv, Sk, D), dv (B, Hkv, Sk, Dv) in q.dtype.
   m.def("attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor lse, Tensor delta, Tensor? mask, "
-        "Tensor? key_padding, Tensor? alibi, float scale, int diagonal, int window_left, int window_right) "
-        "-> (Tensor, Tensor, Tensor)");
+        "Tensor? key_padding, Tensor? alibi, float scale, int diagonal, int window_left, int window_right, "
+        "float dropout_p, int seed) -> (Tensor, Tensor, Tensor)");
 }

@@ -106,6 +106,52 @@ def alibi_bias(slopes: Tensor, seq_q: int, seq_k: int, diagonal: int) -> Tensor:
     return -slopes * (distance - diagonal).abs().to(slopes.dtype)
 
 
+_WORD = 0xFFFFFFFF
+_PHILOX_MUL = (0xD2511F53, 0xCD9E8D57)  # round multipliers
+_PHILOX_WEYL = (0x9E3779B9, 0xBB67AE85)  # key schedule increments
+
+
+def _mul_hi_lo(a: Tensor, m: int) -> tuple[Tensor, Tensor]:
+    """The high and low 32-bit words of ``a * m`` for int64 ``a`` in [0, 2^32) and a 32-bit constant ``m``,
+    without overflowing int64 (m is split into 16-bit halves)."""
+    low = a * (m & 0xFFFF)
+    high = a * (m >> 16)
+    bottom = low + ((high & 0xFFFF) << 16)
+    return (high >> 16) + (bottom >> 32), bottom & _WORD
+
+
+def philox(c0: Tensor, c1: Tensor, c2: Tensor, c3: Tensor, seed: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Philox4x32-10 (Salmon et al., SC 2011) of the counters (c0, c1, c2, c3), int64 tensors of 32-bit
+    values that broadcast together, under the 64-bit key ``seed``; returns its four 32-bit words as int64.
+    The same generator as csrc/philox.h and the Triton kernels."""
+    key0, key1 = seed & _WORD, (seed >> 32) & _WORD
+    for round_ in range(10):
+        if round_ > 0:
+            key0, key1 = (key0 + _PHILOX_WEYL[0]) & _WORD, (key1 + _PHILOX_WEYL[1]) & _WORD
+        hi0, lo0 = _mul_hi_lo(c0, _PHILOX_MUL[0])
+        hi1, lo1 = _mul_hi_lo(c2, _PHILOX_MUL[1])
+        c0, c1, c2, c3 = hi1 ^ c1 ^ key0, lo1, hi0 ^ c3 ^ key1, lo0
+    return c0, c1, c2, c3
+
+
+def dropout_threshold(p: float) -> int:
+    """floor(p * 2^32): a probability is dropped iff its 32-bit Philox word is below it."""
+    return int(p * 2**32)
+
+
+def attention_dropout_mask(seed: int, p: float, shape: tuple[int, int, int, int], device: torch.device) -> Tensor:
+    """The kept entries (True) of attention dropout with probability ``p`` over (B, Hq, Sq, Sk) probabilities:
+    element (b, h, i, j) is kept iff word ``j % 4`` of Philox at counter (j // 4, i, b * Hq + h, 0) is at least
+    :func:`dropout_threshold` (csrc/philox.h); every kernel regenerates the same mask from ``seed``."""
+    batch, heads, seq_q, seq_k = shape
+    groups = torch.arange((seq_k + 3) // 4, device=device)[None, None, :]
+    queries = torch.arange(seq_q, device=device)[None, :, None]
+    rows = torch.arange(batch * heads, device=device)[:, None, None]
+    words = philox(groups, queries, rows, torch.zeros_like(groups), seed)
+    bits = torch.stack(torch.broadcast_tensors(*words), dim=-1).flatten(-2)[..., :seq_k]
+    return (bits >= dropout_threshold(p)).reshape(shape)
+
+
 def attention_scores(
     q: Tensor,
     k: Tensor,

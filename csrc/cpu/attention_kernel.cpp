@@ -8,7 +8,8 @@
 //   2. s = S^T * scale, then + float mask / -inf where a bool mask is 0, + alibi, -inf for padding keys and
 //      keys outside the window [i + diagonal - window_left, i + diagonal + window_right];
 //   3. m_new = max(m, max_j s_j), alpha = exp(m - m_new), p_j = exp(s_j - m_new), l = alpha l + sum_j p_j;
-//   4. o = alpha o + P V (the same GEMM; alpha is applied as o is loaded into registers).
+//   4. with dropout, p_j *= z_j (1 / (1 - p) where csrc/philox.h keeps the element, else 0); l is unaffected;
+//   5. o = alpha o + P V (the same GEMM; alpha is applied as o is loaded into registers).
 // At the end out_i = o_i / l_i and lse_i = m_i + log(l_i); a query that saw no key (l_i = 0) gets out 0 and
 // lse -inf. Key tiles that the window (causal: window_right = 0) hides from every query of the block are never
 // visited, and the window is only applied element-wise on tiles it cuts.
@@ -440,6 +441,7 @@ class ForwardKernel {
         v_tile_(stage_v_ ? kBK * dv_pad_ : 0),
         s_(kBK * kBQ),
         bias_(args.mask_kind != MaskKind::kNone ? kBQ * kBK : 0),
+        z_(args.dropout.on ? kBK * kBQ : 0),
         o_(kBQ * dv_pad_),
         row_(std::max(head_dim_, head_dim_v_)) {
     for (int64_t i = 0; i < kBQ; ++i) iota_[i] = static_cast<C>(i);
@@ -480,6 +482,10 @@ class ForwardKernel {
       score_tile(k0, kn);
       mask_tile(k0, kn);
       softmax_tile(kn);
+      if (a_.dropout.on) {
+        dropout_tile(k0, kn);
+        apply_dropout(s_.get(), kn);
+      }
       accumulate_tile(k0, kn);
     }
     store_outputs();
@@ -628,7 +634,39 @@ class ForwardKernel {
     online_softmax(s_.get(), kn, nq_pad_, m_, l_, alpha_, shift_, tile_max_, tile_sum_);
   }
 
-  // Step 4: o (qn, dv_pad) = alpha o + P (qn, kn) V (kn, dv_pad), P read from P^T; V in place when it is C and
+  // Dropout factors of the key tile [k0, k0 + kn) in z_ (kn, kBQ), key-major: scale where element
+  // (b, h, q0 + i, k0 + j) is kept (csrc/philox.h), else 0. One Philox call gives the words of 4 keys; the loop over
+  // query lanes vectorises (the 32 x 32 -> 64-bit products are vector multiplies).
+  FASTATTN_INLINE void dropout_tile(int64_t k0, int64_t kn) {
+    const AttentionDropout& d = a_.dropout;
+    const uint32_t bh = static_cast<uint32_t>(b_ * a_.heads_q + h_);
+    const C scale = static_cast<C>(d.scale);
+    alignas(64) uint32_t words[4][kBQ];
+    for (int64_t g = k0 / 4; g * 4 < k0 + kn; ++g) {
+      for (int64_t i = 0; i < nq_pad_; ++i) {
+        const Philox4 r = philox4x32_10(static_cast<uint32_t>(g), static_cast<uint32_t>(q0_ + i), bh, 0, d.key0,
+                                        d.key1);
+        for (int w = 0; w < 4; ++w) words[w][i] = r.x[w];
+      }
+      for (int64_t w = 0; w < 4; ++w) {
+        const int64_t j = g * 4 + w - k0;
+        if (j < 0 || j >= kn) continue;
+        C* __restrict z = z_.get() + j * kBQ;
+        for (int64_t i = 0; i < nq_pad_; ++i) z[i] = words[w][i] >= d.threshold ? scale : C(0);
+      }
+    }
+  }
+
+  // tile (kn, kBQ) *= z_, dropped entries exactly 0 (also where the tile holds inf or NaN, as in the reference).
+  FASTATTN_INLINE void apply_dropout(C* __restrict tile, int64_t kn) const {
+    for (int64_t j = 0; j < kn; ++j) {
+      C* __restrict row = tile + j * kBQ;
+      const C* __restrict z = z_.get() + j * kBQ;
+      for (int64_t i = 0; i < nq_pad_; ++i) row[i] = z[i] == C(0) ? C(0) : row[i] * z[i];
+    }
+  }
+
+  // Step 5: o (qn, dv_pad) = alpha o + P (qn, kn) V (kn, dv_pad), P read from P^T; V in place when it is C and
   // its rows are whole vectors, else converted or copied to v_tile (zero-padded columns).
   FASTATTN_INLINE void accumulate_tile(int64_t k0, int64_t kn) {
     const C* v_rows;
@@ -666,7 +704,7 @@ class ForwardKernel {
     }
   }
 
-  template <class> friend class BackwardKernel;  // reuses set_block, score_tile, mask_tile and s_
+  template <class> friend class BackwardKernel;  // reuses set_block, score_tile, mask_tile, dropout_tile, s_ and z_
 
   const AttentionForwardArgs& a_;
   const int64_t head_dim_, head_dim_v_;
@@ -681,6 +719,7 @@ class ForwardKernel {
   Scratch<C> v_tile_;          // (kBK, dv_pad), a converted or copied V tile
   Scratch<C> s_;               // S^T, then P^T (kn, kBQ)
   Scratch<C> bias_;            // (kBQ, kBK), a mask tile staged query-major
+  Scratch<C> z_;               // (kBK, kBQ), dropout factors of a tile (key-major)
   Scratch<C> o_;               // (kBQ, dv_pad), the output accumulator
   Scratch<C> row_;             // one converted row
   alignas(64) C m_[kBQ];       // running maximum per query
@@ -714,9 +753,10 @@ FASTATTN_DEFINE_ENTRY_POINT(double, double)
 // The backward for storage type T. It drives a ForwardKernel for the score tiles (set_block, score_tile and
 // mask_tile: S^T (kn, kBQ) of one query block and one key tile, masked exactly as in the forward) and turns
 // them into P^T = exp(S^T - lse) (one query per lane; 0 for a query whose lse is -inf and for padding lanes),
-// dP^T = V dO^T and dS^T = P^T * (dP^T - delta), all with the forward's GEMM micro-kernel.
+// dP^T = (V dO^T) * Z^T and dS^T = P^T * (dP^T - delta), all with the forward's GEMM micro-kernel; Z are the
+// dropout factors, regenerated from the seed.
 //   Pass 1 (run_kv): task = (batch, kv head, key tile); over the query heads of the group and the query blocks
-//     the window lets see the tile: dV += P^T dO, dK += dS^T Q; then dK *= scale.
+//     the window lets see the tile: dV += (P Z)^T dO, dK += dS^T Q; then dK *= scale (Z: dropout factors).
 //   Pass 2 (run_q): task = the forward's (batch, query head, query block); over the key tiles it sees:
 //     dQ += dS K; then dQ *= scale.
 // Accumulation in C (float, double for double); each task's result depends only on its inputs, so the outputs
@@ -775,7 +815,7 @@ class BackwardKernel {
         }
         load_block(true);
         const int64_t qn = f_.qn_;
-        tile_grads(k0, kn, v_rows, v_row_stride);
+        tile_grads(k0, kn, v_rows, v_row_stride, true);
         // dV (kn, dv_pad) += P^T (kn, qn) dO (qn, dv_pad); dK (kn, d_pad) += dS^T (kn, qn) Q (qn, d_pad).
         gemm<C, true>(kn, dv_pad_ / kW, qn, f_.s_.get(), kBQ, 1, do_rows_.get(), dv_pad_, acc_v_.get(), dv_pad_,
                       ones_);
@@ -805,7 +845,7 @@ class BackwardKernel {
       const C* v_rows;
       int64_t v_row_stride;
       load_v(k0, kn, v_rows, v_row_stride);
-      tile_grads(k0, kn, v_rows, v_row_stride);
+      tile_grads(k0, kn, v_rows, v_row_stride, false);
       // dQ (qn, d_pad) += dS (qn, kn) K (kn, d_pad), dS read from dS^T; K in place when it is C in whole vectors.
       const C* k_rows;
       int64_t k_row_stride;
@@ -882,8 +922,9 @@ class BackwardKernel {
     }
   }
 
-  // The key tile [k0, k0 + kn) of the current block: P^T over the forward kernel's s_ and dS^T in dp_.
-  FASTATTN_INLINE void tile_grads(int64_t k0, int64_t kn, const C* v_rows, int64_t v_row_stride) {
+  // The key tile [k0, k0 + kn) of the current block: P^T over the forward kernel's s_ (times the dropout factors
+  // when `kept`: the P of dV) and dS^T in dp_.
+  FASTATTN_INLINE void tile_grads(int64_t k0, int64_t kn, const C* v_rows, int64_t v_row_stride, bool kept) {
     const int64_t nq_pad = f_.nq_pad_;
     f_.score_tile(k0, kn);
     f_.mask_tile(k0, kn);
@@ -892,14 +933,19 @@ class BackwardKernel {
       C* __restrict srow = st + j * kBQ;
       for (int64_t i = 0; i < nq_pad; ++i) srow[i] = exp_of(srow[i] - shift_[i]);
     }
-    // dP^T (kn, nq_pad) = V (kn, dv) dO^T (dv, nq_pad).
+    // dP^T (kn, nq_pad) = V (kn, dv) dO^T (dv, nq_pad), times the dropout factors.
     C* dp = dp_.get();
     gemm<C, false>(kn, f_.nq_vectors_, dv_, v_rows, v_row_stride, 1, do_t_.get(), kBQ, dp, kBQ, nullptr);
+    if (a_.dropout.on) {
+      f_.dropout_tile(k0, kn);
+      f_.apply_dropout(dp, kn);
+    }
     for (int64_t j = 0; j < kn; ++j) {
       const C* __restrict prow = st + j * kBQ;
       C* __restrict drow = dp + j * kBQ;
       for (int64_t i = 0; i < nq_pad; ++i) drow[i] = prow[i] * (drow[i] - delta_[i]);
     }
+    if (kept && a_.dropout.on) f_.apply_dropout(st, kn);
   }
 
   // dst rows (n, cols) in T = scale * src rows (n, ld) in C.

@@ -124,54 +124,23 @@ def _broadcast(a: torch.Size, b) -> Optional[torch.Size]:
 # ---------------------------------------------------------------------------------------------------------
 
 
-def _forward_check(dtypes, dropout: bool):
+def _dtype_check(dtypes):
     def check(q: Tensor, dropout_p: float) -> Optional[str]:
-        if q.dtype not in dtypes:
-            return f"dtype {q.dtype} is not one of {dtypes}"
-        if dropout_p > 0 and not dropout:
-            return "dropout is not in this kernel yet (issue 3)"
-        return None
+        return None if q.dtype in dtypes else f"dtype {q.dtype} is not one of {dtypes}"
 
     return check
 
 
 FORWARD_CHECKS = {
     "cuda": lambda *_: "the CUDA C++ attention kernel is not written yet (issue 3)",
-    "triton": _forward_check(FLOAT_DTYPES, dropout=False),
-    "cpu": _forward_check(FLOAT_DTYPES, dropout=False),
-    "reference": _forward_check(FLOAT_DTYPES, dropout=True),
+    "triton": _dtype_check(FLOAT_DTYPES),
+    "cpu": _dtype_check(FLOAT_DTYPES),
+    "reference": _dtype_check(FLOAT_DTYPES),
 }
-def _has_cpu_backward() -> bool:
-    try:  # an extension built before the op existed does not know it
-        return torch._C._dispatch_has_kernel_for_dispatch_key("fastattn_C::attention_backward", "CPU")
-    except RuntimeError:
-        return False
-
-
-def _has_triton_backward() -> bool:
-    from fastattn.triton_kernels import attention as kernels  # noqa: PLC0415
-
-    return hasattr(kernels, "attention_backward")
-
-
-def _backward_check(dtypes, available: Callable[[], bool], what: str):
-    def check(q: Tensor, dropout_p: float) -> Optional[str]:
-        if not available():
-            return f"no {what} attention backward yet (issue 3)"
-        if q.dtype not in dtypes:
-            return f"dtype {q.dtype} is not one of {dtypes}"
-        if dropout_p > 0:
-            return "dropout is not in this kernel yet (issue 3)"
-        return None
-
-    return check
-
-
-# Backends without a backward kernel fall back to the reference (which materialises Sq x Sk); logged at INFO.
 BACKWARD_CHECKS = {
     "cuda": lambda *_: "no CUDA C++ attention backward yet (issue 3)",
-    "triton": _backward_check(FLOAT_DTYPES, _has_triton_backward, "Triton"),
-    "cpu": _backward_check(FLOAT_DTYPES, _has_cpu_backward, "C++ CPU"),
+    "triton": _dtype_check(FLOAT_DTYPES),
+    "cpu": _dtype_check(FLOAT_DTYPES),
     "reference": lambda *_: None,
 }
 
@@ -211,10 +180,7 @@ def _kernel_alibi(alibi: Optional[Tensor], q: Tensor) -> Optional[Tensor]:
 
 def _dropout_mask(p: float, seed: int, shape, device: torch.device) -> Optional[Tensor]:
     """The kept entries (True) of the dropout with probability ``p`` drawn from ``seed``; None without dropout."""
-    if p == 0.0:
-        return None
-    generator = torch.Generator(device=device).manual_seed(seed)
-    return torch.rand(shape, generator=generator, device=device) >= p
+    return None if p == 0.0 else reference.attention_dropout_mask(seed, p, shape, device)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -249,7 +215,7 @@ def attention_op(
         return out.contiguous(), lse.contiguous()
     return _forward_kernel(name)(
         _last_dim_unit(q), _last_dim_unit(k), _last_dim_unit(v), _kernel_mask(mask, q, seq_k), key_padding,
-        _kernel_alibi(alibi, q), scale, diagonal, window_left, window_right,
+        _kernel_alibi(alibi, q), scale, diagonal, window_left, window_right, dropout_p, seed,
     )  # fmt: skip
 
 
@@ -296,7 +262,7 @@ def attention_backward_op(
     return _backward_kernel(name)(
         grad_out, _last_dim_unit(q), _last_dim_unit(k), _last_dim_unit(v), lse, delta,
         _kernel_mask(mask, q, seq_k), key_padding, _kernel_alibi(alibi, q), scale, diagonal, window_left,
-        window_right,
+        window_right, dropout_p, seed,
     )  # fmt: skip
 
 
@@ -324,11 +290,12 @@ attention_op.register_autograd(_backward, setup_context=_setup_context)
 # ---------------------------------------------------------------------------------------------------------
 
 
-def _seed(dropout_p: float, device: torch.device) -> int:
-    """A dropout seed drawn from torch's generator for ``device`` (so torch.manual_seed reproduces it)."""
+def _seed(dropout_p: float) -> int:
+    """A 62-bit dropout seed from torch's CPU generator: torch.manual_seed reproduces it, and drawing it costs a
+    GPU caller no device synchronisation."""
     if dropout_p == 0.0:
         return 0
-    return int(torch.randint(0, 2**62, (1,), device=device).item())
+    return int(torch.randint(0, 2**62, (1,)).item())
 
 
 def attention(
@@ -364,8 +331,10 @@ def attention(
                                                                      1 1
 
             (:func:`scaled_dot_product_attention` keeps SDPA's top-left alignment for ``is_causal``.)
-        dropout_p: dropout on the attention probabilities, drawn from torch's generator (reproducible under
-            :func:`torch.manual_seed`); the backward replays the same mask.
+        dropout_p: dropout on the attention probabilities inside the kernel: element (b, h, i, j) is kept by a
+            Philox draw from a seed taken from torch's CPU generator (reproducible under
+            :func:`torch.manual_seed`; :func:`fastattn.reference.attention_dropout_mask` rebuilds the mask);
+            the backward regenerates the same mask instead of storing it.
         scale: multiplies q k^T; default 1 / sqrt(head_dim).
         alibi_slopes: (heads,) or (batch, heads); adds ``-slope * |j - i - (seq_k - seq_q)|``.
         window: (left, right): query i sees keys j with ``-left <= j - i - (seq_k - seq_q) <= right``; -1 is
@@ -391,7 +360,7 @@ def attention(
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     out, lse = attention_op(
         q, k, v, attn_mask, key_padding_mask, alibi_slopes, scale, seq_k - q.shape[2], window_left, window_right,
-        float(dropout_p), _seed(dropout_p, q.device),
+        float(dropout_p), _seed(dropout_p),
     )  # fmt: skip
     return (out, lse) if return_lse else out
 
@@ -442,7 +411,7 @@ def scaled_dot_product_attention(
     _check_dropout(dropout_p, name)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     out, _ = attention_op(
-        q, k, v, mask, None, None, scale, 0, -1, 0 if is_causal else -1, float(dropout_p), _seed(dropout_p, q.device)
+        q, k, v, mask, None, None, scale, 0, -1, 0 if is_causal else -1, float(dropout_p), _seed(dropout_p)
     )
     return out.squeeze(1) if query.dim() == 3 else out.reshape(*query.shape[:-1], v.shape[-1])
 

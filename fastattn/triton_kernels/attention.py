@@ -24,7 +24,9 @@ and the key range (no per-element window or bounds checks), and blocks that stra
 end of the keys. Bool masks, float masks, key padding and alibi apply to every block when present.
 
 Accumulation is in float32 (float64 for float64 inputs); float32 dots use IEEE fp32 (never TF32); p is
-rounded to v's dtype before the p v dot, as in FlashAttention.
+rounded to v's dtype before the p v dot, as in FlashAttention. Dropout multiplies p by 1 / (1 - p_drop) or 0
+after l is summed, the kept entries drawn by Philox from (seed, b, h, i, j) (csrc/philox.h), so the backward
+regenerates them.
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+DROPOUT_ARGS = ("drop_seed0", "drop_seed1", "drop_threshold")  # any value: never specialised as constants
 INTERPRETER_BLOCK = 16  # the interpreter's cost is Python per program and per block: small tiles, few of each
 SMEM_SLACK = 16 * 1024  # shared memory Triton uses beyond the tiles counted in _shared_memory (layout scratch)
 
@@ -99,6 +102,12 @@ def _config(
     if block_m < 128:
         warps = 4
     return block_m, block_n, warps, stages
+
+
+def _dropout_args(dropout_p: float, seed: int) -> tuple[int, int, int, float]:
+    """The kernels' dropout arguments: the seed's low and high 32 bits, floor(p * 2^32) and 1 / (1 - p)."""
+    seed &= 2**64 - 1
+    return seed & 0xFFFFFFFF, seed >> 32, int(dropout_p * 2**32), 1.0 / (1.0 - dropout_p)
 
 
 def _row_strides(t: Tensor) -> tuple[int, int, int]:
@@ -165,6 +174,81 @@ def _flags(x, ACC: tl.constexpr, INTERPRET: tl.constexpr):
         )
     else:
         return x
+
+
+@triton.jit
+def _philox(c0, c1, c2, c3, key0, key1):
+    """Philox4x32-10 of uint32 counter tiles under the uint32 key (key0, key1): its four uint32 word tiles.
+    The generator of csrc/philox.h."""
+    for round_ in tl.static_range(10):
+        if round_ > 0:
+            key0 = key0 + 0x9E3779B9
+            key1 = key1 + 0xBB67AE85
+        hi0 = tl.umulhi(c0, 0xD2511F53)
+        lo0 = c0 * 0xD2511F53
+        hi1 = tl.umulhi(c2, 0xCD9E8D57)
+        lo1 = c2 * 0xCD9E8D57
+        c0, c1, c2, c3 = hi1 ^ c1 ^ key0, lo1, hi0 ^ c3 ^ key1, lo0
+    return c0, c1, c2, c3
+
+
+@triton.jit
+def _dropout_keep(
+    offs_m,  # (BLOCK_M,) query indices
+    start_n,  # the tile's first key, a multiple of 4
+    bh,  # b * Hq + h
+    seed0, seed1, threshold,  # the seed's 32-bit words; floor(p * 2^32)
+    BLOCK_N: tl.constexpr,
+):
+    """(BLOCK_M, BLOCK_N) bool, True where probability (b, h, i, j) survives dropout: word j % 4 of Philox at
+    counter (j // 4, i, bh, 0) is >= threshold (csrc/philox.h). One Philox call covers 4 keys."""
+    groups = (start_n // 4 + tl.arange(0, BLOCK_N // 4)).to(tl.uint32)
+    shape = [offs_m.shape[0], BLOCK_N // 4]
+    c0 = tl.broadcast_to(groups[None, :], shape)
+    c1 = tl.broadcast_to(offs_m.to(tl.uint32)[:, None], shape)
+    c2 = tl.full(shape, 0, tl.uint32) + bh.to(tl.uint32)
+    c3 = tl.full(shape, 0, tl.uint32)
+    r0, r1, r2, r3 = _philox(c0, c1, c2, c3, seed0.to(tl.uint32), seed1.to(tl.uint32))
+    # join appends a dim of 2: [m, g, a, b] = (r0, r2 | r1, r3)[b][a] -> flat key 4g + 2a + b
+    words = tl.reshape(tl.join(tl.join(r0, r2), tl.join(r1, r3)), [offs_m.shape[0], BLOCK_N])
+    return words >= threshold.to(tl.uint32)
+
+
+@triton.jit
+def _key_ranges(
+    m_start, Sk, diagonal, window_left, window_right,
+    HAS_WL: tl.constexpr, HAS_WR: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """The key blocks the queries [m_start, m_start + BLOCK_M) may see, as (lo, full_lo, full_hi, hi), all but
+    hi multiples of BLOCK_N: [lo, full_lo) cross the window's left edge, [full_lo, full_hi) every query sees
+    whole (no window edge, no key past Sk), [full_hi, hi) cross the right edge or the end of the keys."""
+    last_m = m_start + BLOCK_M - 1
+    lo = 0
+    full_lo = 0
+    if HAS_WL:
+        lo = tl.maximum(m_start + diagonal - window_left, 0) // BLOCK_N * BLOCK_N
+        full_lo = tl.maximum(last_m + diagonal - window_left, 0)
+        full_lo = (full_lo + BLOCK_N - 1) // BLOCK_N * BLOCK_N
+    hi = Sk
+    full_end = Sk
+    if HAS_WR:
+        hi = tl.minimum(last_m + diagonal + window_right + 1, Sk)
+        full_end = tl.minimum(m_start + diagonal + window_right + 1, Sk)
+    hi = tl.maximum(hi, 0)
+    full_lo = tl.minimum(tl.maximum(full_lo, lo), hi)
+    full_hi = tl.maximum(tl.maximum(full_end, 0) // BLOCK_N * BLOCK_N, full_lo)
+    return lo, full_lo, full_hi, hi
+
+
+@triton.jit
+def _alibi_slope(ALIBI, b, h, stride_ab, stride_ah, HAS_ALIBI: tl.constexpr, BASE2: tl.constexpr, ACC: tl.constexpr):
+    """The ALiBi slope of (b, h) in the scores' base (times log2(e) in base 2); 0 without ALiBi."""
+    slope = 0.0
+    if HAS_ALIBI:
+        slope = tl.load(ALIBI + b * stride_ab + h * stride_ah).to(ACC)
+        if BASE2:
+            slope = slope * 1.4426950408889634  # log2(e)
+    return slope
 
 
 @triton.jit
@@ -253,8 +337,9 @@ def _attend_range(
     stride_kn, stride_vn,
     MASK, stride_mm, stride_mn, KPAD, stride_pn,
     slope, qk_scale, Sq, Sk, diagonal, window_left, window_right,
+    bh, drop_seed0, drop_seed1, drop_threshold, drop_scale,  # dropout: b * Hq + h and the kernel's arguments
     HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, HAS_KPAD: tl.constexpr, HAS_ALIBI: tl.constexpr,
-    HAS_WL: tl.constexpr, HAS_WR: tl.constexpr, BOUNDS: tl.constexpr, BASE2: tl.constexpr,
+    HAS_WL: tl.constexpr, HAS_WR: tl.constexpr, BOUNDS: tl.constexpr, BASE2: tl.constexpr, DROPOUT: tl.constexpr,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     ACC: tl.constexpr, INTERPRET: tl.constexpr,
@@ -275,13 +360,16 @@ def _attend_range(
         p = _exp(s - m_safe[:, None], BASE2)  # (BLOCK_M, BLOCK_N)
         alpha = _exp(m_i - m_safe, BASE2)  # rescales the old state to the new max
         l_i = l_i * alpha + tl.sum(p, axis=1)
+        if DROPOUT:  # after the sum: dropout does not change the softmax's normaliser
+            keep = _dropout_keep(offs_m, start_n, bh, drop_seed0, drop_seed1, drop_threshold, BLOCK_N)
+            p = tl.where(keep, p * drop_scale, 0.0)
         v = _load_rows(V, offs_n, offs_dv, stride_vn, Sk, HEAD_DIM_V, BOUNDS, HEAD_DIM_V != BLOCK_DV)
         acc = _dot(p.to(v.dtype), v, acc * alpha[:, None], INTERPRET)
         m_i = m_new
     return acc, l_i, m_i
 
 
-@triton.jit
+@triton.jit(do_not_specialize=DROPOUT_ARGS)
 def _attention_fwd_kernel(
     Q,  # (B, Hq, Sq, D), strides (stride_qb, stride_qh, stride_qm, 1)
     K,  # (B, Hkv, Sk, D), strides (stride_kb, stride_kh, stride_kn, 1)
@@ -302,9 +390,13 @@ def _attention_fwd_kernel(
     qk_scale,  # scale, times log2(e) in base 2
     diagonal,  # query i's "present" is key i + diagonal
     window_left, window_right,  # -1: unbounded
+    drop_seed0, drop_seed1,  # dropout: the seed's low and high 32 bits
+    drop_threshold,  # floor(dropout_p * 2^32)
+    drop_scale,  # 1 / (1 - dropout_p)
     HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, HAS_KPAD: tl.constexpr, HAS_ALIBI: tl.constexpr,
     HAS_WL: tl.constexpr, HAS_WR: tl.constexpr,
     BASE2: tl.constexpr,  # base-2 exponents (everything but float64)
+    DROPOUT: tl.constexpr,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,  # D and Dv (constexpr: head-dim masks stay vectorised)
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     ALIGN: tl.constexpr,  # every q/k/v stride is a multiple of ALIGN elements (lets loads vectorise)
@@ -332,29 +424,11 @@ def _attention_fwd_kernel(
     V += b * stride_vb + h_kv * stride_vh
     MASK += b * stride_mb + h * stride_mh
     KPAD += b * stride_pb
-    slope = 0.0
-    if HAS_ALIBI:
-        slope = tl.load(ALIBI + b * stride_ab + h * stride_ah).to(ACC)
-        if BASE2:
-            slope = slope * 1.4426950408889634  # log2(e)
-
-    # The keys this query block may see: [lo, hi), lo aligned to BLOCK_N. Within it, [full_lo, full_hi) are
-    # the blocks every query row sees whole (no window edge, no key past Sk).
-    last_m = m_start + BLOCK_M - 1
-    lo = 0
-    full_lo = 0
-    if HAS_WL:
-        lo = tl.maximum(m_start + diagonal - window_left, 0) // BLOCK_N * BLOCK_N
-        full_lo = tl.maximum(last_m + diagonal - window_left, 0)
-        full_lo = (full_lo + BLOCK_N - 1) // BLOCK_N * BLOCK_N
-    hi = Sk
-    full_end = Sk
-    if HAS_WR:
-        hi = tl.minimum(last_m + diagonal + window_right + 1, Sk)
-        full_end = tl.minimum(m_start + diagonal + window_right + 1, Sk)
-    hi = tl.maximum(hi, 0)
-    full_lo = tl.minimum(tl.maximum(full_lo, lo), hi)
-    full_hi = tl.maximum(tl.maximum(full_end, 0) // BLOCK_N * BLOCK_N, full_lo)
+    slope = _alibi_slope(ALIBI, b, h, stride_ab, stride_ah, HAS_ALIBI, BASE2, ACC)
+    lo, full_lo, full_hi, hi = _key_ranges(
+        m_start, Sk, diagonal, window_left, window_right, HAS_WL, HAS_WR, BLOCK_M, BLOCK_N
+    )
+    bh = b * Hq + h
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=ACC)
     l_i = tl.zeros([BLOCK_M], dtype=ACC)
@@ -364,7 +438,8 @@ def _attention_fwd_kernel(
             acc, l_i, m_i, q, offs_m, lo, full_lo, K, V, stride_kn, stride_vn,
             MASK, stride_mm, stride_mn, KPAD, stride_pn,
             slope, qk_scale, Sq, Sk, diagonal, window_left, window_right,
-            HAS_MASK, MASK_BOOL, HAS_KPAD, HAS_ALIBI, HAS_WL, HAS_WR, True, BASE2,
+            bh, drop_seed0, drop_seed1, drop_threshold, drop_scale,
+            HAS_MASK, MASK_BOOL, HAS_KPAD, HAS_ALIBI, HAS_WL, HAS_WR, True, BASE2, DROPOUT,
             HEAD_DIM, HEAD_DIM_V, BLOCK_N, BLOCK_D, BLOCK_DV, ACC, INTERPRET,
         )
     # blocks wholly inside the window and the keys
@@ -372,7 +447,8 @@ def _attention_fwd_kernel(
         acc, l_i, m_i, q, offs_m, full_lo, full_hi, K, V, stride_kn, stride_vn,
         MASK, stride_mm, stride_mn, KPAD, stride_pn,
         slope, qk_scale, Sq, Sk, diagonal, window_left, window_right,
-        HAS_MASK, MASK_BOOL, HAS_KPAD, HAS_ALIBI, HAS_WL, HAS_WR, False, BASE2,
+        bh, drop_seed0, drop_seed1, drop_threshold, drop_scale,
+        HAS_MASK, MASK_BOOL, HAS_KPAD, HAS_ALIBI, HAS_WL, HAS_WR, False, BASE2, DROPOUT,
         HEAD_DIM, HEAD_DIM_V, BLOCK_N, BLOCK_D, BLOCK_DV, ACC, INTERPRET,
     )
     # blocks across the window's right edge or the end of the keys
@@ -380,7 +456,8 @@ def _attention_fwd_kernel(
         acc, l_i, m_i, q, offs_m, full_hi, hi, K, V, stride_kn, stride_vn,
         MASK, stride_mm, stride_mn, KPAD, stride_pn,
         slope, qk_scale, Sq, Sk, diagonal, window_left, window_right,
-        HAS_MASK, MASK_BOOL, HAS_KPAD, HAS_ALIBI, HAS_WL, HAS_WR, True, BASE2,
+        bh, drop_seed0, drop_seed1, drop_threshold, drop_scale,
+        HAS_MASK, MASK_BOOL, HAS_KPAD, HAS_ALIBI, HAS_WL, HAS_WR, True, BASE2, DROPOUT,
         HEAD_DIM, HEAD_DIM_V, BLOCK_N, BLOCK_D, BLOCK_DV, ACC, INTERPRET,
     )
 
@@ -416,6 +493,8 @@ def attention_forward(
     diagonal: int,
     window_left: int,
     window_right: int,
+    dropout_p: float = 0.0,
+    seed: int = 0,
 ) -> tuple[Tensor, Tensor]:
     """Attention forward; returns (out, lse).
 
@@ -423,7 +502,8 @@ def attention_forward(
     unit stride over the last; Hkv divides Hq. mask: None or a (B, Hq, Sq, Sk) view (stride 0 where
     broadcast), bool (True = attend) or float (q's dtype or float32, added). key_padding: None or (B, Sk)
     bool, True = padding. alibi: None or (B, Hq) float32 slopes. Query i sees keys j with
-    i + diagonal - window_left <= j <= i + diagonal + window_right (-1: unbounded).
+    i + diagonal - window_left <= j <= i + diagonal + window_right (-1: unbounded). With ``dropout_p`` > 0 the
+    probabilities csrc/philox.h drops for ``seed`` are 0 and the others scaled by 1 / (1 - dropout_p).
     out: (B, Hq, Sq, Dv) contiguous in q's dtype; lse: (B, Hq, Sq) contiguous float32 (float64 for float64).
     """
     batch, heads, seq_q, head_dim = q.shape
@@ -473,9 +553,10 @@ def attention_forward(
         heads // heads_kv,
         scale * LOG2E if base2 else scale,
         diagonal, window_left, window_right,
+        *_dropout_args(dropout_p, seed),
         HAS_MASK=mask is not None, MASK_BOOL=mask_bool, HAS_KPAD=key_padding is not None,
         HAS_ALIBI=alibi is not None, HAS_WL=window_left >= 0, HAS_WR=window_right >= 0,
-        BASE2=base2,
+        BASE2=base2, DROPOUT=dropout_p > 0,
         HEAD_DIM=head_dim, HEAD_DIM_V=head_dim_v,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_DV=block_dv,
         ALIGN=_alignment(q_strides + k_strides + v_strides),
@@ -490,7 +571,9 @@ def attention_forward(
 # Backward (FlashAttention-2): P = exp(S - lse) is recomputed tile by tile from the forward's lse.
 #
 #     Delta_i = rowsum(dO_i * O_i)              (PyTorch, in ACC)
-#     dV = P^T dO,  dP = dO V^T,  dS = P * (dP - Delta),  dQ = scale dS K,  dK = scale dS^T Q
+#     dV = (P Z)^T dO,  dP = (dO V^T) Z,  dS = P * (dP - Delta),  dQ = scale dS K,  dK = scale dS^T Q
+#
+# with Z the dropout factors (1 / (1 - p) where kept, else 0; 1 without dropout), regenerated from the seed.
 #
 # One kernel per key block computes dK and dV (looping over the query heads of its kv head, GQA, and over the
 # query blocks whose window meets the key block); another per query block computes dQ (looping over the key
@@ -516,7 +599,7 @@ def _bwd_probs(
     return _exp(s - lse[:, None], BASE2)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=DROPOUT_ARGS)
 def _attention_bwd_dkdv_kernel(
     Q, K, V, DO,  # as in the forward; DO (B, Hq, Sq, Dv) with strides (stride_ob, stride_oh, stride_om, 1)
     MASK, KPAD, ALIBI,
@@ -531,8 +614,9 @@ def _attention_bwd_dkdv_kernel(
     stride_pb, stride_pn,
     stride_ab, stride_ah,
     Hq, Hkv, Sq, Sk, kv_group, qk_scale, scale, diagonal, window_left, window_right,
+    drop_seed0, drop_seed1, drop_threshold, drop_scale,
     HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, HAS_KPAD: tl.constexpr, HAS_ALIBI: tl.constexpr,
-    HAS_WL: tl.constexpr, HAS_WR: tl.constexpr, BASE2: tl.constexpr,
+    HAS_WL: tl.constexpr, HAS_WR: tl.constexpr, BASE2: tl.constexpr, DROPOUT: tl.constexpr,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     ALIGN: tl.constexpr, ACC: tl.constexpr, INTERPRET: tl.constexpr,
@@ -573,12 +657,9 @@ def _attention_bwd_dkdv_kernel(
         DOh = DO + b * stride_ob + h * stride_oh
         MASKh = MASK + b * stride_mb + h * stride_mh
         KPADb = KPAD + b * stride_pb
-        row = (b * Hq + h) * Sq
-        slope = 0.0
-        if HAS_ALIBI:
-            slope = tl.load(ALIBI + b * stride_ab + h * stride_ah).to(ACC)
-            if BASE2:
-                slope = slope * 1.4426950408889634  # log2(e)
+        bh = b * Hq + h
+        row = bh * Sq
+        slope = _alibi_slope(ALIBI, b, h, stride_ab, stride_ah, HAS_ALIBI, BASE2, ACC)
         for start_m in range(lo, hi, BLOCK_M):
             offs_m = start_m + tl.arange(0, BLOCK_M)
             q = _load_rows(Qh, offs_m, offs_d, stride_qm, Sq, HEAD_DIM, True, HEAD_DIM != BLOCK_D)
@@ -590,8 +671,13 @@ def _attention_bwd_dkdv_kernel(
                 slope, qk_scale, Sq, Sk, diagonal, window_left, window_right,
                 HAS_MASK, MASK_BOOL, HAS_KPAD, HAS_ALIBI, HAS_WL, HAS_WR, True, BASE2, ACC, INTERPRET,
             )  # (BLOCK_M, BLOCK_N)
-            dv = _dot(tl.trans(p).to(do.dtype), do, dv, INTERPRET)
             dp = _dot(do, tl.trans(v), tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC), INTERPRET)
+            if DROPOUT:
+                keep = _dropout_keep(offs_m, n_start, bh, drop_seed0, drop_seed1, drop_threshold, BLOCK_N)
+                dv = _dot(tl.trans(tl.where(keep, p * drop_scale, 0.0)).to(do.dtype), do, dv, INTERPRET)
+                dp = tl.where(keep, dp * drop_scale, 0.0)
+            else:
+                dv = _dot(tl.trans(p).to(do.dtype), do, dv, INTERPRET)
             ds = p * (dp - delta[:, None])
             dk = _dot(tl.trans(ds).to(q.dtype), q, dk, INTERPRET)
     dk = dk * scale
@@ -615,8 +701,9 @@ def _dq_range(
     dq, q, do, lse, delta, offs_m, start, end, K, V, stride_kn, stride_vn,
     MASK, stride_mm, stride_mn, KPAD, stride_pn,
     slope, qk_scale, Sq, Sk, diagonal, window_left, window_right,
+    bh, drop_seed0, drop_seed1, drop_threshold, drop_scale,
     HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, HAS_KPAD: tl.constexpr, HAS_ALIBI: tl.constexpr,
-    HAS_WL: tl.constexpr, HAS_WR: tl.constexpr, BOUNDS: tl.constexpr, BASE2: tl.constexpr,
+    HAS_WL: tl.constexpr, HAS_WR: tl.constexpr, BOUNDS: tl.constexpr, BASE2: tl.constexpr, DROPOUT: tl.constexpr,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     ACC: tl.constexpr, INTERPRET: tl.constexpr,
@@ -634,12 +721,15 @@ def _dq_range(
             HAS_MASK, MASK_BOOL, HAS_KPAD, HAS_ALIBI, HAS_WL, HAS_WR, BOUNDS, BASE2, ACC, INTERPRET,
         )
         dp = _dot(do, tl.trans(v), tl.zeros([q.shape[0], BLOCK_N], dtype=ACC), INTERPRET)
+        if DROPOUT:
+            keep = _dropout_keep(offs_m, start_n, bh, drop_seed0, drop_seed1, drop_threshold, BLOCK_N)
+            dp = tl.where(keep, dp * drop_scale, 0.0)
         ds = p * (dp - delta[:, None])
         dq = _dot(ds.to(k.dtype), k, dq, INTERPRET)
     return dq
 
 
-@triton.jit
+@triton.jit(do_not_specialize=DROPOUT_ARGS)
 def _attention_bwd_dq_kernel(
     Q, K, V, DO, MASK, KPAD, ALIBI, LSE, DELTA,
     DQ,  # (B, Hq, Sq, D) contiguous, q's dtype
@@ -651,8 +741,9 @@ def _attention_bwd_dq_kernel(
     stride_pb, stride_pn,
     stride_ab, stride_ah,
     Hq, Sq, Sk, kv_group, qk_scale, scale, diagonal, window_left, window_right,
+    drop_seed0, drop_seed1, drop_threshold, drop_scale,
     HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, HAS_KPAD: tl.constexpr, HAS_ALIBI: tl.constexpr,
-    HAS_WL: tl.constexpr, HAS_WR: tl.constexpr, BASE2: tl.constexpr,
+    HAS_WL: tl.constexpr, HAS_WR: tl.constexpr, BASE2: tl.constexpr, DROPOUT: tl.constexpr,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     ALIGN: tl.constexpr, ACC: tl.constexpr, INTERPRET: tl.constexpr,
@@ -681,28 +772,11 @@ def _attention_bwd_dq_kernel(
     V += b * stride_vb + h_kv * stride_vh
     MASK += b * stride_mb + h * stride_mh
     KPAD += b * stride_pb
-    slope = 0.0
-    if HAS_ALIBI:
-        slope = tl.load(ALIBI + b * stride_ab + h * stride_ah).to(ACC)
-        if BASE2:
-            slope = slope * 1.4426950408889634  # log2(e)
-
-    # The same key ranges as the forward.
-    last_m = m_start + BLOCK_M - 1
-    lo = 0
-    full_lo = 0
-    if HAS_WL:
-        lo = tl.maximum(m_start + diagonal - window_left, 0) // BLOCK_N * BLOCK_N
-        full_lo = tl.maximum(last_m + diagonal - window_left, 0)
-        full_lo = (full_lo + BLOCK_N - 1) // BLOCK_N * BLOCK_N
-    hi = Sk
-    full_end = Sk
-    if HAS_WR:
-        hi = tl.minimum(last_m + diagonal + window_right + 1, Sk)
-        full_end = tl.minimum(m_start + diagonal + window_right + 1, Sk)
-    hi = tl.maximum(hi, 0)
-    full_lo = tl.minimum(tl.maximum(full_lo, lo), hi)
-    full_hi = tl.maximum(tl.maximum(full_end, 0) // BLOCK_N * BLOCK_N, full_lo)
+    slope = _alibi_slope(ALIBI, b, h, stride_ab, stride_ah, HAS_ALIBI, BASE2, ACC)
+    lo, full_lo, full_hi, hi = _key_ranges(  # the forward's key ranges
+        m_start, Sk, diagonal, window_left, window_right, HAS_WL, HAS_WR, BLOCK_M, BLOCK_N
+    )
+    bh = b * Hq + h
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=ACC)
     if HAS_WL:
@@ -710,21 +784,24 @@ def _attention_bwd_dq_kernel(
             dq, q, do, lse, delta, offs_m, lo, full_lo, K, V, stride_kn, stride_vn,
             MASK, stride_mm, stride_mn, KPAD, stride_pn,
             slope, qk_scale, Sq, Sk, diagonal, window_left, window_right,
-            HAS_MASK, MASK_BOOL, HAS_KPAD, HAS_ALIBI, HAS_WL, HAS_WR, True, BASE2,
+            bh, drop_seed0, drop_seed1, drop_threshold, drop_scale,
+            HAS_MASK, MASK_BOOL, HAS_KPAD, HAS_ALIBI, HAS_WL, HAS_WR, True, BASE2, DROPOUT,
             HEAD_DIM, HEAD_DIM_V, BLOCK_N, BLOCK_D, BLOCK_DV, ACC, INTERPRET,
         )
     dq = _dq_range(
         dq, q, do, lse, delta, offs_m, full_lo, full_hi, K, V, stride_kn, stride_vn,
         MASK, stride_mm, stride_mn, KPAD, stride_pn,
         slope, qk_scale, Sq, Sk, diagonal, window_left, window_right,
-        HAS_MASK, MASK_BOOL, HAS_KPAD, HAS_ALIBI, HAS_WL, HAS_WR, False, BASE2,
+        bh, drop_seed0, drop_seed1, drop_threshold, drop_scale,
+        HAS_MASK, MASK_BOOL, HAS_KPAD, HAS_ALIBI, HAS_WL, HAS_WR, False, BASE2, DROPOUT,
         HEAD_DIM, HEAD_DIM_V, BLOCK_N, BLOCK_D, BLOCK_DV, ACC, INTERPRET,
     )
     dq = _dq_range(
         dq, q, do, lse, delta, offs_m, full_hi, hi, K, V, stride_kn, stride_vn,
         MASK, stride_mm, stride_mn, KPAD, stride_pn,
         slope, qk_scale, Sq, Sk, diagonal, window_left, window_right,
-        HAS_MASK, MASK_BOOL, HAS_KPAD, HAS_ALIBI, HAS_WL, HAS_WR, True, BASE2,
+        bh, drop_seed0, drop_seed1, drop_threshold, drop_scale,
+        HAS_MASK, MASK_BOOL, HAS_KPAD, HAS_ALIBI, HAS_WL, HAS_WR, True, BASE2, DROPOUT,
         HEAD_DIM, HEAD_DIM_V, BLOCK_N, BLOCK_D, BLOCK_DV, ACC, INTERPRET,
     )
     dq = dq * scale
@@ -767,12 +844,14 @@ def attention_backward(
     diagonal: int,
     window_left: int,
     window_right: int,
+    dropout_p: float = 0.0,
+    seed: int = 0,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Attention backward; returns (dq, dk, dv), contiguous, in q's / k's / v's shapes and dtypes.
 
     Inputs as :func:`attention_forward`; ``grad_out`` (B, Hq, Sq, Dv) with unit stride over the last dim;
     ``lse`` the forward's; ``delta`` (B, Hq, Sq) = rowsum(grad_out * out) - grad_lse, in lse's dtype. Queries
-    that saw no key (lse -inf) get zero gradients.
+    that saw no key (lse -inf) get zero gradients. ``dropout_p`` and ``seed`` replay the forward's dropout.
     """
     batch, heads, seq_q, head_dim = q.shape
     heads_kv, seq_k, head_dim_v = k.shape[1], k.shape[2], v.shape[3]
@@ -813,7 +892,7 @@ def attention_backward(
     common = dict(
         HAS_MASK=mask is not None, MASK_BOOL=mask_bool, HAS_KPAD=key_padding is not None,
         HAS_ALIBI=alibi is not None, HAS_WL=window_left >= 0, HAS_WR=window_right >= 0,
-        BASE2=base2,
+        BASE2=base2, DROPOUT=dropout_p > 0,
         HEAD_DIM=head_dim, HEAD_DIM_V=head_dim_v,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_DV=block_dv,
         ALIGN=_alignment(q_strides + k_strides + v_strides + o_strides),
@@ -822,17 +901,18 @@ def attention_backward(
         num_warps=num_warps, num_stages=num_stages,
     )
     qk_scale = scale * LOG2E if base2 else scale
+    dropout = _dropout_args(dropout_p, seed)
     strides = (*q_strides, *k_strides, *v_strides, *o_strides, *mask_strides, *pad_strides, *alibi_strides)
     _attention_bwd_dkdv_kernel[(triton.cdiv(seq_k, block_n), heads_kv, batch)](
         q, k, v, grad_out, mask_arg, pad_arg, alibi_arg, lse_k, delta, dk, dv,
         *strides,
         heads, heads_kv, seq_q, seq_k, heads // heads_kv, qk_scale, scale, diagonal, window_left, window_right,
-        **common,
+        *dropout, **common,
     )
     _attention_bwd_dq_kernel[(triton.cdiv(seq_q, block_m), heads, batch)](
         q, k, v, grad_out, mask_arg, pad_arg, alibi_arg, lse_k, delta, dq,
         *strides,
         heads, seq_q, seq_k, heads // heads_kv, qk_scale, scale, diagonal, window_left, window_right,
-        **common,
+        *dropout, **common,
     )
     return dq, dk, dv

@@ -178,31 +178,90 @@ def test_gradcheck_reference():
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Dropout (the reference backend until the kernels have it).
+# Dropout: every backend draws the mask of reference.attention_dropout_mask from the op's seed.
 # ---------------------------------------------------------------------------------------------------------
 
+DROPOUT_CASES = [CASES[2], CASES[3], CASES[6]]  # GQA + causal; MQA + bool mask; window + alibi
 
-def test_dropout_keeps_the_expected_fraction_and_replays():
-    q, k = torch.randn(2, 4, 64, 16), torch.randn(2, 4, 64, 16)
-    v = torch.eye(64).expand(2, 4, 64, 64)  # out = the dropped-out probabilities themselves
+
+def dropout_call(q, k, v, kwargs, p, seed):
+    """The op itself, with an explicit dropout seed."""
+    left, right = kwargs.get("window") or (-1, -1)
+    if kwargs.get("causal"):
+        right = 0 if right < 0 else min(right, 0)
+    scale = q.shape[-1] ** -0.5
+    out, _ = fastattn.ops.attention.attention_op(
+        q, k, v, kwargs.get("attn_mask"), kwargs.get("key_padding_mask"), kwargs.get("alibi_slopes"), scale,
+        k.shape[2] - q.shape[2], left, right, p, seed,
+    )  # fmt: skip
+    return out
+
+
+def test_philox_matches_the_published_test_vectors():
+    """Random123's known answers for Philox4x32-10 (kat_vectors): the generator every backend shares."""
+    words = lambda *c: [torch.tensor([x]) for x in c]  # noqa: E731
+    cases = [
+        ((0, 0, 0, 0), 0, (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8)),
+        ((2**32 - 1,) * 4, 2**64 - 1, (0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD)),
+        ((0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344), 0x299F31D0A4093822,
+         (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1)),
+    ]  # fmt: skip
+    for counter, key, expected in cases:
+        assert [int(w) for w in reference.philox(*words(*counter), key)] == list(expected)
+
+
+@pytest.mark.parametrize("case", DROPOUT_CASES, ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_dropout_matches_the_reference_mask(backend_device, case, dtype):
+    """Forward and gradients with dropout against the reference given the Philox mask of the same seed."""
+    name, device = backend_device
+    p, seed = 0.3, 0x1234_5678_9ABC
+    q, k, v, kwargs = make_inputs(case, dtype, device)
+    keep = reference.attention_dropout_mask(seed, p, (*q.shape[:3], k.shape[2]), device)
+    grad = torch.randn(*q.shape[:3], v.shape[-1], device=device).to(dtype)
+
+    def run(fn, tensors):
+        tensors = [t.detach().requires_grad_() for t in tensors]
+        out = fn(*tensors)
+        return (out, *torch.autograd.grad(out, tensors, grad.to(out.dtype)))
+
+    truth = run(lambda *t: reference_call(*t, kwargs, dropout_mask=keep, dropout_p=p)[0],
+                [t.double() for t in (q, k, v)])  # fmt: skip
+    baseline = run(lambda *t: reference_call(*t, kwargs, upcast=False, dropout_mask=keep, dropout_p=p)[0], (q, k, v))
+    with fastattn.record() as calls:
+        ours = run(lambda *t: dropout_call(*t, kwargs, p, seed), (q, k, v))
+    assert {c.backend for c in calls} == {name}
+    for what, mine, true, base in zip(("out", "grad q", "grad k", "grad v"), ours, truth, baseline):
+        ratio = GRADIENT_RATIO if what != "out" else 2.0
+        assert_error_ratio(mine, true, base, ratio=ratio, name=what)
+
+
+def test_dropout_keeps_the_expected_fraction_and_replays(backend_device):
+    _, device = backend_device
+    q, k = torch.randn(2, 4, 64, 16, device=device), torch.randn(2, 4, 64, 16, device=device)
+    v = torch.eye(64, device=device).expand(2, 4, 64, 64)  # out = the dropped-out probabilities themselves
     torch.manual_seed(7)
     probs = fastattn.attention(q, k, v, dropout_p=0.3)
     kept = (probs > 0).double().mean().item()
-    assert abs(kept - 0.7) < 0.01, kept
+    assert abs(kept - 0.7) < 0.01, kept  # 32768 draws: the standard deviation is 0.0025
+    for key_word in range(4):  # each of Philox's four words, which serve keys j % 4
+        assert abs((probs[..., key_word::4] > 0).double().mean().item() - 0.7) < 0.02
     full = fastattn.attention(q, k, v)
     torch.testing.assert_close(probs[probs > 0], full[probs > 0] / 0.7)  # kept entries are rescaled
     torch.manual_seed(7)
     assert torch.equal(probs, fastattn.attention(q, k, v, dropout_p=0.3))  # reproducible under manual_seed
+    assert not torch.equal(probs, fastattn.attention(q, k, v, dropout_p=0.3))  # a new draw: another mask
 
 
-def test_dropout_gradient_replays_the_mask():
-    q, k, v = (torch.randn(1, 2, 6, 4, dtype=torch.float64, requires_grad=True) for _ in range(3))
+def test_dropout_gradient_replays_the_mask(backend_device):
+    _, device = backend_device
+    q, k, v = (torch.randn(1, 2, 6, 4, dtype=torch.float64, device=device, requires_grad=True) for _ in range(3))
 
     def f(*tensors):
         torch.manual_seed(3)
         return fastattn.attention(*tensors, dropout_p=0.4)
 
-    assert torch.autograd.gradcheck(f, (q, k, v))
+    assert torch.autograd.gradcheck(f, (q, k, v), fast_mode=True)  # fast: one random direction per input
 
 
 # ---------------------------------------------------------------------------------------------------------
