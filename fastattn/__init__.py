@@ -7,7 +7,8 @@ unavailable (``python -m fastattn.info``).
 from fastattn import backends, reference
 from fastattn.backends import BackendError, backend, record
 from fastattn.nn import Softmax
-from fastattn.ops.attention import attention, attention_with_kvcache, scaled_dot_product_attention
+from fastattn.ops.attention import attention, scaled_dot_product_attention
+from fastattn.ops.kvcache import attention_with_kvcache
 from fastattn.ops.softmax import log_softmax, softmax
 
 __version__ = "0.1.0"

@@ -78,6 +78,19 @@ def softmax_backward(grad: Tensor, out: Tensor, scale: float = 1.0, log: bool = 
 # ---------------------------------------------------------------------------------------------------------
 
 
+def window_allows(distance: Tensor, window_left: int, window_right: int) -> Optional[Tensor]:
+    """Bool, True where ``-window_left <= distance <= window_right`` (a bound of -1: none), for ``distance`` =
+    key position - query position; None when neither bound is set."""
+    if window_left < 0 and window_right < 0:
+        return None
+    allowed = torch.ones_like(distance, dtype=torch.bool)
+    if window_left >= 0:
+        allowed &= distance >= -window_left
+    if window_right >= 0:
+        allowed &= distance <= window_right
+    return allowed
+
+
 def attention_allowed(
     seq_q: int, seq_k: int, diagonal: int, window_left: int, window_right: int, device: torch.device
 ) -> Optional[Tensor]:
@@ -87,15 +100,8 @@ def attention_allowed(
     ``diagonal`` is the key aligned with query i's "present": ``seq_k - seq_q`` for fastattn's causal
     (bottom-right, as FlashAttention), 0 for SDPA's ``is_causal`` (top-left). Causal is ``window_right=0``.
     """
-    if window_left < 0 and window_right < 0:
-        return None
     distance = torch.arange(seq_k, device=device) - torch.arange(seq_q, device=device).unsqueeze(1) - diagonal
-    allowed = torch.ones(seq_q, seq_k, dtype=torch.bool, device=device)
-    if window_left >= 0:
-        allowed &= distance >= -window_left
-    if window_right >= 0:
-        allowed &= distance <= window_right
-    return allowed
+    return window_allows(distance, window_left, window_right)
 
 
 def alibi_bias(slopes: Tensor, seq_q: int, seq_k: int, diagonal: int) -> Tensor:
@@ -269,3 +275,44 @@ def attention_backward(
         return t.unflatten(1, (k.shape[1], groups)).sum(dim=2)
 
     return dq.to(q.dtype), per_kv_head(dk).to(k.dtype), per_kv_head(dv).to(v.dtype)
+
+
+def kvcache_scores_bias(
+    lengths: Tensor, n_queries: int, max_seq: int, alibi_slopes: Optional[Tensor], heads: int,
+    window_left: int, window_right: int, dtype: torch.dtype = torch.float32,
+) -> Tensor:
+    """The mask of KV-cache attention as one (B, 1 or Hq, n, max_seq) tensor: query i of batch b sits at position
+    ``lengths[b] - n + i`` and sees keys j < lengths[b] inside its window. Bool (True = attend) without ALiBi;
+    with ALiBi, ``-slope * |j - position|`` in ``dtype`` and -inf where hidden."""
+    keys = torch.arange(max_seq, device=lengths.device)
+    positions = lengths.long()[:, None] - n_queries + torch.arange(n_queries, device=lengths.device)
+    distance = (keys - positions[:, :, None])[:, None]  # (B, 1, n, max_seq)
+    allowed = (keys < lengths.long()[:, None, None, None]).expand_as(distance)
+    window = window_allows(distance, window_left, window_right)
+    if window is not None:
+        allowed = allowed & window
+    if alibi_slopes is None:
+        return allowed
+    slopes = alibi_slopes.reshape(-1, heads)[:, :, None, None]
+    return (-slopes.to(dtype) * distance.abs().to(dtype)).masked_fill(~allowed, float("-inf"))
+
+
+def attention_kvcache(
+    q: Tensor,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    lengths: Tensor,
+    alibi_slopes: Optional[Tensor] = None,
+    scale: Optional[float] = None,
+    window_left: int = -1,
+    window_right: int = -1,
+    upcast: bool = True,
+) -> tuple[Tensor, Tensor]:
+    """Attention of n queries per batch against a cache holding ``lengths[b]`` valid keys: q (B, Hq, n, D),
+    k_cache (B, Hkv, S, D), v_cache (B, Hkv, S, Dv), lengths (B,) ints; positions and the window as
+    :func:`kvcache_scores_bias` (causal is ``window_right=0``). Returns (out, lse) as :func:`attention`."""
+    mask = kvcache_scores_bias(
+        lengths, q.shape[2], k_cache.shape[2], alibi_slopes, q.shape[1], window_left, window_right,
+        compute_dtype(q.dtype) if upcast else q.dtype,
+    )
+    return attention(q, k_cache, v_cache, mask, scale=scale, upcast=upcast)

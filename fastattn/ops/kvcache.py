@@ -1,0 +1,131 @@
+"""KV-cache decoding attention: the torch.library op ``fastattn::attention_kvcache`` (forward only: decoding is
+inference), its backends, and the public :func:`attention_with_kvcache`.
+
+The op's problem: q (B, Hq, n, D) against caches k (B, Hkv, S, D) / v (B, Hkv, S, Dv) that hold ``lengths[b]``
+valid keys; query i of batch b sits at position ``lengths[b] - n + i`` (see ``reference.attention_kvcache``).
+Backends: Triton's split-KV kernel (``triton_kernels/kvcache.py``); on the CPU the C++ attention kernel over the
+valid part of the caches with a mask built from the lengths; the reference.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from fastattn import backends, reference
+from fastattn.ops.attention import FLOAT_DTYPES, _check_alibi, _check_qkv, _check_window, _dtype_check, _last_dim_unit
+
+CHECKS = {
+    "cuda": lambda *_: "no CUDA C++ KV-cache kernel yet (issue 3); Triton's split-KV kernel runs on the GPU",
+    "triton": _dtype_check(FLOAT_DTYPES),
+    "cpu": _dtype_check(FLOAT_DTYPES),
+    "reference": lambda *_: None,
+}
+
+
+@torch.library.custom_op("fastattn::attention_kvcache", mutates_args=())
+def attention_kvcache_op(
+    q: Tensor,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    lengths: Tensor,
+    alibi: Optional[Tensor],
+    scale: float,
+    window_left: int,
+    window_right: int,
+) -> tuple[Tensor, Tensor]:
+    """(out, lse) of the module docstring's problem; ``lengths`` (B,) int64."""
+    name = backends.select("attention_kvcache", q.device, CHECKS, q, 0.0)
+    if name == "triton":
+        from fastattn.triton_kernels.kvcache import attention_kvcache  # noqa: PLC0415
+
+        alibi = None if alibi is None else alibi.float().expand(q.shape[0], q.shape[1])
+        return attention_kvcache(
+            _last_dim_unit(q), _last_dim_unit(k_cache), _last_dim_unit(v_cache), lengths.contiguous(), alibi, scale,
+            window_left, window_right,
+        )  # fmt: skip
+    if q.device.type == "cpu" and lengths.numel() > 0:  # keys past every length are never read (no sync on a CPU)
+        used = int(lengths.max())
+        k_cache, v_cache = k_cache[:, :, :used], v_cache[:, :, :used]
+    if name == "reference" or q.numel() == 0 or k_cache.shape[2] == 0:
+        out, lse = reference.attention_kvcache(q, k_cache, v_cache, lengths, alibi, scale, window_left, window_right)
+        return out.contiguous(), lse.contiguous()
+    mask = reference.kvcache_scores_bias(
+        lengths, q.shape[2], k_cache.shape[2], alibi, q.shape[1], window_left, window_right,
+        torch.float64 if q.dtype == torch.float64 else torch.float32,
+    )  # fmt: skip
+    return torch.ops.fastattn_C.attention_forward(
+        _last_dim_unit(q), _last_dim_unit(k_cache), _last_dim_unit(v_cache),
+        mask.expand(q.shape[0], q.shape[1], q.shape[2], k_cache.shape[2]), None, None, scale, 0, -1, -1, 0.0, 0,
+    )  # fmt: skip
+
+
+@attention_kvcache_op.register_fake
+def _(q, k_cache, v_cache, lengths, alibi, scale, window_left, window_right):
+    out = q.new_empty((*q.shape[:3], v_cache.shape[-1]))
+    return out, q.new_empty(q.shape[:3], dtype=reference.compute_dtype(q.dtype))
+
+
+def attention_with_kvcache(
+    q: Tensor,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    cache_seqlens: Tensor,
+    k_new: Optional[Tensor] = None,
+    v_new: Optional[Tensor] = None,
+    *,
+    causal: bool = True,
+    scale: Optional[float] = None,
+    alibi_slopes: Optional[Tensor] = None,
+    window: Optional[tuple[int, int]] = None,
+    return_lse: bool = False,
+):
+    """Attention of a few new queries against a key/value cache, appending the new keys and values in place.
+
+    Args:
+        q: (batch, heads, n, head_dim), the n newest tokens' queries (decoding: n = 1).
+        k_cache, v_cache: (batch, kv_heads, max_seq, head_dim / head_dim_v); entries past each batch's
+            length are ignored. kv_heads divides heads (GQA).
+        cache_seqlens: (batch,) integers, each cache's length before this call.
+        k_new, v_new: (batch, kv_heads, n_new, ...) or None: written into the caches at positions
+            ``cache_seqlens[b] .. cache_seqlens[b] + n_new - 1`` (in place) before attending.
+        causal: query i sits at position ``length_b - n + i`` of its batch's sequence (length_b = cache_seqlens[b]
+            + n_new) and sees the keys up to it; otherwise every valid key.
+        scale, alibi_slopes, window, return_lse: as :func:`fastattn.attention`, with positions counted per batch.
+
+    Returns:
+        out (batch, heads, n, head_dim_v) and, when ``return_lse``, lse (batch, heads, n). Not differentiable.
+    """
+    name = "fastattn.attention_with_kvcache"
+    _check_qkv(q, k_cache, v_cache, name)
+    if not isinstance(cache_seqlens, Tensor) or cache_seqlens.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"{name}: cache_seqlens must be an int32 or int64 Tensor")
+    if cache_seqlens.shape != (q.shape[0],) or cache_seqlens.device != q.device:
+        raise ValueError(f"{name}: cache_seqlens must be ({q.shape[0]},) on {q.device}, "
+                         f"got {tuple(cache_seqlens.shape)} on {cache_seqlens.device}")
+    if (k_new is None) != (v_new is None):
+        raise ValueError(f"{name}: pass both k_new and v_new, or neither")
+    n_new = 0
+    if k_new is not None:
+        n_new = k_new.shape[2]
+        expected = (k_cache.shape[0], k_cache.shape[1], n_new)
+        for arg, new, cache in (("k_new", k_new, k_cache), ("v_new", v_new, v_cache)):
+            if new.shape != (*expected, cache.shape[3]) or new.dtype != cache.dtype or new.device != cache.device:
+                raise ValueError(f"{name}: {arg} must be {(*expected, cache.shape[3])} {cache.dtype} on "
+                                 f"{cache.device}, got {tuple(new.shape)} {new.dtype} on {new.device}")
+    lengths = cache_seqlens.long() + n_new
+    if bool(((cache_seqlens < 0) | (lengths > k_cache.shape[2])).any()):
+        raise ValueError(f"{name}: cache_seqlens + n_new must lie in [0, {k_cache.shape[2]}] (the caches' length)")
+    _check_alibi(alibi_slopes, q, name)
+    window_left, window_right = _check_window(window, name)
+    if causal:
+        window_right = 0 if window_right < 0 else min(window_right, 0)
+    if k_new is not None:
+        positions = (cache_seqlens.long()[:, None] + torch.arange(n_new, device=q.device))[:, None, :, None]
+        for new, cache in ((k_new, k_cache), (v_new, v_cache)):
+            cache.scatter_(2, positions.expand_as(new), new)
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    out, lse = attention_kvcache_op(q, k_cache, v_cache, lengths, alibi_slopes, scale, window_left, window_right)
+    return (out, lse) if return_lse else out
