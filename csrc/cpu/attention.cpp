@@ -31,7 +31,8 @@ std::tuple<at::Tensor, at::Tensor> attention_forward_cpu_op(const at::Tensor& q,
   return {out, lse};
 }
 
-// Two passes: dK and dV by (batch, kv head, key block) tasks, then dQ by (batch, query head, query block) tasks.
+// Fused (one task per (batch, kv head)) when there are enough of them for the threads, else two passes: dK and dV
+// by (batch, kv head, key block) tasks, then dQ by (batch, query head, query block) tasks.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_cpu_op(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& lse,
     const at::Tensor& delta, const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& key_padding,
@@ -44,6 +45,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_cpu_op(
   const AttentionBackwardArgs args = attention_backward_args(grad_out_c, q, k, v, lse_c, delta_c, mask, key_padding,
                                                              alibi, scale, diagonal, window_left, window_right,
                                                              dropout_p, seed, dq, dk, dv);
+  const int64_t fused_tasks = attention_backward_cpu_fused_tasks(args, at::get_num_threads());
+  if (fused_tasks > 0) {
+    at::parallel_for(0, fused_tasks, 1,
+                     [&](int64_t begin, int64_t end) { attention_backward_cpu_fused(args, begin, end); });
+    return {dq, dk, dv};
+  }
   at::parallel_for(0, attention_backward_cpu_kv_tasks(args), attention_backward_cpu_kv_grain(args),
                    [&](int64_t begin, int64_t end) { attention_backward_cpu_kv(args, begin, end); });
   at::parallel_for(0, attention_forward_cpu_tasks(args.forward), attention_forward_cpu_grain(args.forward),

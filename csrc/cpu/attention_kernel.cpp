@@ -759,8 +759,12 @@ FASTATTN_DEFINE_ENTRY_POINT(double, double)
 //     the window lets see the tile: dV += (P Z)^T dO, dK += dS^T Q; then dK *= scale (Z: dropout factors).
 //   Pass 2 (run_q): task = the forward's (batch, query head, query block); over the key tiles it sees:
 //     dQ += dS K; then dQ *= scale.
+//   Fused (run_fused): task = (batch, kv head); pass 1 over every key tile in order, adding each dS tile's
+//     dQ += dS K into a (group, seq_q, d_pad) accumulator on the way: 5 GEMMs per tile instead of the two
+//     passes' 7 (pass 2 recomputes S and dP), but only batch x kv heads tasks to share among threads.
 // Accumulation in C (float, double for double); each task's result depends only on its inputs, so the outputs
-// are bitwise the same for any number of threads.
+// are bitwise the same from run to run, and for any number of threads within one scheme (which the thread
+// count picks: attention_backward_cpu_fused_tasks).
 template <class T>
 class BackwardKernel {
   using C = compute_t<T>;
@@ -769,7 +773,7 @@ class BackwardKernel {
   static constexpr bool kConvert = !std::is_same_v<T, C>;
 
  public:
-  FASTATTN_INLINE explicit BackwardKernel(const AttentionBackwardArgs& args)
+  FASTATTN_INLINE BackwardKernel(const AttentionBackwardArgs& args, bool fused)
       : g_(args),
         a_(args.forward),
         f_(args.forward),
@@ -787,6 +791,7 @@ class BackwardKernel {
         acc_k_(kBK * d_pad_),
         acc_v_(kBK * dv_pad_),
         acc_q_(kBQ * d_pad_),
+        dq_acc_(fused ? a_.heads_q / std::max<int64_t>(a_.heads_kv, 1) * a_.seq_q * d_pad_ : 0),
         row_(std::max(d_pad_, dv_pad_)) {
     std::fill(ones_, ones_ + kOnes, C(1));
   }
@@ -794,37 +799,18 @@ class BackwardKernel {
   // Pass 1, task t: batch b, kv head hk, keys [k0, k0 + kBK).
   FASTATTN_INLINE void run_kv(int64_t task) {
     const int64_t bh = task / k_blocks_;
-    const int64_t b = bh / a_.heads_kv, hk = bh % a_.heads_kv;
-    const int64_t k0 = (task % k_blocks_) * kBK, kn = std::min(kBK, a_.seq_k - k0);
+    key_tile(bh / a_.heads_kv, bh % a_.heads_kv, (task % k_blocks_) * kBK, nullptr);
+  }
+
+  // The fused backward, task t: batch b, kv head hk.
+  FASTATTN_INLINE void run_fused(int64_t task) {
+    const int64_t b = task / a_.heads_kv, hk = task % a_.heads_kv;
     const int64_t group = a_.heads_q / a_.heads_kv;
-    std::fill(acc_k_.get(), acc_k_.get() + kn * d_pad_, C(0));
-    std::fill(acc_v_.get(), acc_v_.get() + kn * dv_pad_, C(0));
-    // Queries that may see a key of the tile: k - diag - wr <= i <= k - diag + wl.
-    const int64_t diag = a_.diagonal, wl = a_.window_left, wr = a_.window_right;
-    const int64_t q_begin = wr >= 0 ? std::max<int64_t>(0, k0 - diag - wr) : 0;
-    const int64_t q_end = wl >= 0 ? std::min<int64_t>(a_.seq_q, k0 + kn - 1 - diag + wl + 1) : a_.seq_q;
-    bool v_loaded = false;
-    const C* v_rows = nullptr;
-    int64_t v_row_stride = 0;
-    for (int64_t h = hk * group; h < (hk + 1) * group && q_begin < q_end; ++h) {
-      for (int64_t q0 = q_begin / kBQ * kBQ; q0 < q_end; q0 += kBQ) {
-        f_.set_block(b, h, q0);
-        if (!v_loaded) {
-          v_loaded = true;
-          load_v(k0, kn, v_rows, v_row_stride);
-        }
-        load_block(true);
-        const int64_t qn = f_.qn_;
-        tile_grads(k0, kn, v_rows, v_row_stride, true);
-        // dV (kn, dv_pad) += P^T (kn, qn) dO (qn, dv_pad); dK (kn, d_pad) += dS^T (kn, qn) Q (qn, d_pad).
-        gemm<C, true>(kn, dv_pad_ / kW, qn, f_.s_.get(), kBQ, 1, do_rows_.get(), dv_pad_, acc_v_.get(), dv_pad_,
-                      ones_);
-        gemm<C, true>(kn, d_pad_ / kW, qn, dp_.get(), kBQ, 1, q_rows_.get(), d_pad_, acc_k_.get(), d_pad_, ones_);
-      }
-    }
-    const int64_t row0 = (b * a_.heads_kv + hk) * a_.seq_k + k0;
-    store_rows(acc_k_.get(), d_pad_, static_cast<T*>(g_.dk) + row0 * d_, d_, kn, static_cast<C>(a_.scale));
-    store_rows(acc_v_.get(), dv_pad_, static_cast<T*>(g_.dv) + row0 * dv_, dv_, kn, C(1));
+    C* dq_acc = dq_acc_.get();
+    std::fill(dq_acc, dq_acc + group * a_.seq_q * d_pad_, C(0));
+    for (int64_t k0 = 0; k0 < a_.seq_k; k0 += kBK) key_tile(b, hk, k0, dq_acc);
+    const int64_t row0 = (b * a_.heads_q + hk * group) * a_.seq_q;
+    store_rows(dq_acc, d_pad_, static_cast<T*>(g_.dq) + row0 * d_, d_, group * a_.seq_q, static_cast<C>(a_.scale));
   }
 
   // Pass 2, task t: the forward's task t (batch, query head, query block).
@@ -846,26 +832,73 @@ class BackwardKernel {
       int64_t v_row_stride;
       load_v(k0, kn, v_rows, v_row_stride);
       tile_grads(k0, kn, v_rows, v_row_stride, false);
-      // dQ (qn, d_pad) += dS (qn, kn) K (kn, d_pad), dS read from dS^T; K in place when it is C in whole vectors.
       const C* k_rows;
       int64_t k_row_stride;
-      if (!kConvert && d_ % kW == 0) {
-        k_rows = reinterpret_cast<const C*>(f_.k_head_ + k0 * a_.k_stride[2]);
-        k_row_stride = a_.k_stride[2];
-      } else {
-        for (int64_t j = 0; j < kn; ++j) {
-          convert_row(f_.k_head_ + (k0 + j) * a_.k_stride[2], k_tile_.get() + j * d_pad_, d_);
-        }
-        k_rows = k_tile_.get();
-        k_row_stride = d_pad_;
-      }
-      gemm<C, true>(qn, d_pad_ / kW, kn, dp_.get(), 1, kBQ, k_rows, k_row_stride, acc_q_.get(), d_pad_, ones_);
+      load_k(k0, kn, k_rows, k_row_stride);
+      add_dq(qn, kn, k_rows, k_row_stride, acc_q_.get());
     }
     const int64_t row0 = (b * a_.heads_q + h) * a_.seq_q + q0;
     store_rows(acc_q_.get(), d_pad_, static_cast<T*>(g_.dq) + row0 * d_, d_, qn, static_cast<C>(a_.scale));
   }
 
  private:
+  // The key tile [k0, k0 + kn) of batch b, kv head hk: dK and dV over the query heads of the group and the query
+  // blocks the window lets see the tile; with dq_acc (group, seq_q, d_pad), also their dQ += dS K.
+  FASTATTN_INLINE void key_tile(int64_t b, int64_t hk, int64_t k0, C* dq_acc) {
+    const int64_t kn = std::min(kBK, a_.seq_k - k0);
+    const int64_t group = a_.heads_q / a_.heads_kv;
+    std::fill(acc_k_.get(), acc_k_.get() + kn * d_pad_, C(0));
+    std::fill(acc_v_.get(), acc_v_.get() + kn * dv_pad_, C(0));
+    // Queries that may see a key of the tile: k - diag - wr <= i <= k - diag + wl.
+    const int64_t diag = a_.diagonal, wl = a_.window_left, wr = a_.window_right;
+    const int64_t q_begin = wr >= 0 ? std::max<int64_t>(0, k0 - diag - wr) : 0;
+    const int64_t q_end = wl >= 0 ? std::min<int64_t>(a_.seq_q, k0 + kn - 1 - diag + wl + 1) : a_.seq_q;
+    bool loaded = false;
+    const C *v_rows = nullptr, *k_rows = nullptr;
+    int64_t v_row_stride = 0, k_row_stride = 0;
+    for (int64_t h = hk * group; h < (hk + 1) * group && q_begin < q_end; ++h) {
+      for (int64_t q0 = q_begin / kBQ * kBQ; q0 < q_end; q0 += kBQ) {
+        f_.set_block(b, h, q0);
+        if (!loaded) {  // after set_block: the tile's rows come from the block's kv head
+          loaded = true;
+          load_v(k0, kn, v_rows, v_row_stride);
+          if (dq_acc) load_k(k0, kn, k_rows, k_row_stride);
+        }
+        load_block(true);
+        const int64_t qn = f_.qn_;
+        tile_grads(k0, kn, v_rows, v_row_stride, true);
+        // dV (kn, dv_pad) += P^T (kn, qn) dO (qn, dv_pad); dK (kn, d_pad) += dS^T (kn, qn) Q (qn, d_pad).
+        gemm<C, true>(kn, dv_pad_ / kW, qn, f_.s_.get(), kBQ, 1, do_rows_.get(), dv_pad_, acc_v_.get(), dv_pad_,
+                      ones_);
+        gemm<C, true>(kn, d_pad_ / kW, qn, dp_.get(), kBQ, 1, q_rows_.get(), d_pad_, acc_k_.get(), d_pad_, ones_);
+        if (dq_acc) add_dq(qn, kn, k_rows, k_row_stride, dq_acc + ((h - hk * group) * a_.seq_q + q0) * d_pad_);
+      }
+    }
+    const int64_t row0 = (b * a_.heads_kv + hk) * a_.seq_k + k0;
+    store_rows(acc_k_.get(), d_pad_, static_cast<T*>(g_.dk) + row0 * d_, d_, kn, static_cast<C>(a_.scale));
+    store_rows(acc_v_.get(), dv_pad_, static_cast<T*>(g_.dv) + row0 * dv_, dv_, kn, C(1));
+  }
+
+  // dq (qn, d_pad) += dS (qn, kn) K (kn, d_pad), dS read from dS^T in dp_.
+  FASTATTN_INLINE void add_dq(int64_t qn, int64_t kn, const C* k_rows, int64_t k_row_stride, C* dq) {
+    gemm<C, true>(qn, d_pad_ / kW, kn, dp_.get(), 1, kBQ, k_rows, k_row_stride, dq, d_pad_, ones_);
+  }
+
+  // K rows [k0, k0 + kn) of the current kv head as C in whole vectors: in place when they are, else converted
+  // to k_tile (kn, d_pad) with zero padding.
+  FASTATTN_INLINE void load_k(int64_t k0, int64_t kn, const C*& rows, int64_t& stride) {
+    if (!kConvert && d_ % kW == 0) {
+      rows = reinterpret_cast<const C*>(f_.k_head_ + k0 * a_.k_stride[2]);
+      stride = a_.k_stride[2];
+      return;
+    }
+    for (int64_t j = 0; j < kn; ++j) {
+      convert_row(f_.k_head_ + (k0 + j) * a_.k_stride[2], k_tile_.get() + j * d_pad_, d_);
+    }
+    rows = k_tile_.get();
+    stride = d_pad_;
+  }
+
   // V rows [k0, k0 + kn) of the current kv head as C: in place, or converted to v_tile (kn, dv).
   FASTATTN_INLINE void load_v(int64_t k0, int64_t kn, const C*& rows, int64_t& stride) {
     if constexpr (kConvert) {
@@ -967,12 +1000,13 @@ class BackwardKernel {
   Scratch<C> do_t_;          // dO^T (dv, kBQ), zero beyond the block's queries
   Scratch<C> do_rows_;       // dO (kBQ, dv_pad), pass 1
   Scratch<C> q_rows_;        // Q (kBQ, d_pad), pass 1
-  Scratch<C> k_tile_;        // (kBK, d_pad), a converted or padded K tile, pass 2
+  Scratch<C> k_tile_;        // (kBK, d_pad), a converted or padded K tile (dQ)
   Scratch<C> v_tile_;        // (kBK, dv), a converted V tile
   Scratch<C> dp_;            // dP^T, then dS^T (kBK, kBQ)
   Scratch<C> acc_k_;         // (kBK, d_pad), dK of pass 1's tile
   Scratch<C> acc_v_;         // (kBK, dv_pad), dV of pass 1's tile
   Scratch<C> acc_q_;         // (kBQ, d_pad), dQ of pass 2's block
+  Scratch<C> dq_acc_;        // (group, seq_q, d_pad), dQ of the fused task's query heads
   Scratch<C> row_;           // one converted row
   alignas(64) C shift_[kBQ];  // lse per query (+inf: P = 0)
   alignas(64) C delta_[kBQ];
@@ -983,13 +1017,18 @@ class BackwardKernel {
 #define FASTATTN_DEFINE_BACKWARD_ENTRY_POINTS(T, name)                                                      \
   FASTATTN_TARGET_CLONES void backward_kv_tasks_##name(const AttentionBackwardArgs& a, int64_t begin,      \
                                                        int64_t end) {                                      \
-    BackwardKernel<T> kernel(a);                                                                          \
+    BackwardKernel<T> kernel(a, false);                                                                   \
     for (int64_t task = begin; task < end; ++task) kernel.run_kv(task);                                   \
   }                                                                                                       \
   FASTATTN_TARGET_CLONES void backward_q_tasks_##name(const AttentionBackwardArgs& a, int64_t begin,       \
                                                       int64_t end) {                                       \
-    BackwardKernel<T> kernel(a);                                                                          \
+    BackwardKernel<T> kernel(a, false);                                                                   \
     for (int64_t task = begin; task < end; ++task) kernel.run_q(task);                                    \
+  }                                                                                                       \
+  FASTATTN_TARGET_CLONES void backward_fused_tasks_##name(const AttentionBackwardArgs& a, int64_t begin,   \
+                                                          int64_t end) {                                   \
+    BackwardKernel<T> kernel(a, true);                                                                    \
+    for (int64_t task = begin; task < end; ++task) kernel.run_fused(task);                                \
   }
 
 FASTATTN_DEFINE_BACKWARD_ENTRY_POINTS(c10::Half, half)
@@ -1041,6 +1080,26 @@ void attention_backward_cpu_kv(const AttentionBackwardArgs& args, int64_t task_b
     case Dtype::kBFloat16: return backward_kv_tasks_bfloat16(args, task_begin, task_end);
     case Dtype::kFloat: return backward_kv_tasks_float(args, task_begin, task_end);
     case Dtype::kDouble: return backward_kv_tasks_double(args, task_begin, task_end);
+  }
+}
+
+int64_t attention_backward_cpu_fused_tasks(const AttentionBackwardArgs& args, int64_t threads) {
+  // Fused tasks are (batch, kv head) with the same work each: fuse when every thread gets two at least (then
+  // the last round leaves at most a third of the threads idle), and the dQ accumulator stays under 64 MiB.
+  const AttentionForwardArgs& f = args.forward;
+  const int64_t tasks = f.batch * f.heads_kv;
+  const int64_t lanes = f.dtype == Dtype::kDouble ? kLanes<double> : kLanes<float>;
+  const int64_t bytes = (f.heads_kv > 0 ? f.heads_q / f.heads_kv : 0) * f.seq_q * ceil_div(f.head_dim, lanes) *
+                        lanes * (f.dtype == Dtype::kDouble ? 8 : 4);
+  return tasks >= 2 * threads && bytes <= (int64_t(64) << 20) ? tasks : 0;
+}
+
+void attention_backward_cpu_fused(const AttentionBackwardArgs& args, int64_t task_begin, int64_t task_end) {
+  switch (args.forward.dtype) {
+    case Dtype::kHalf: return backward_fused_tasks_half(args, task_begin, task_end);
+    case Dtype::kBFloat16: return backward_fused_tasks_bfloat16(args, task_begin, task_end);
+    case Dtype::kFloat: return backward_fused_tasks_float(args, task_begin, task_end);
+    case Dtype::kDouble: return backward_fused_tasks_double(args, task_begin, task_end);
   }
 }
 

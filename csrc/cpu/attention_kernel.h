@@ -1,4 +1,4 @@
-// CPU attention forward kernel on raw pointers (arguments: csrc/attention.h). No torch headers:
+// CPU attention forward and backward kernels on raw pointers (arguments: csrc/attention.h). No torch headers:
 // csrc/cpu/attention.cpp binds it to tensors and splits the tasks over threads.
 #pragma once
 #include <cstdint>
@@ -25,5 +25,12 @@ int64_t attention_backward_cpu_kv_tasks(const AttentionBackwardArgs& args);
 int64_t attention_backward_cpu_kv_grain(const AttentionBackwardArgs& args);
 void attention_backward_cpu_kv(const AttentionBackwardArgs& args, int64_t task_begin, int64_t task_end);
 void attention_backward_cpu_q(const AttentionBackwardArgs& args, int64_t task_begin, int64_t task_end);
+
+// The fused backward: one task per (batch, kv head), writing only its rows of dk, dv and dq (those of the
+// group's query heads), with 5 GEMMs per tile instead of the two passes' 7. Returns its task count, or 0
+// when `threads` would be poorly balanced over so few tasks (or its dQ accumulator too large): then run the
+// two passes.
+int64_t attention_backward_cpu_fused_tasks(const AttentionBackwardArgs& args, int64_t threads);
+void attention_backward_cpu_fused(const AttentionBackwardArgs& args, int64_t task_begin, int64_t task_end);
 
 }  // namespace fastattn

@@ -8,17 +8,11 @@
 #include <torch/library.h>
 
 #include "../softmax_binding.h"
+#include "checks.h"
 #include "softmax_kernel.h"
 
 namespace fastattn {
 namespace {
-
-void check_cuda_input(const at::Tensor& t, const char* op, const char* name) {
-  TORCH_CHECK(t.is_cuda(), op, ": ", name, " must be a CUDA tensor, got ", t.device());
-  TORCH_CHECK(t.scalar_type() == at::kHalf || t.scalar_type() == at::kBFloat16 || t.scalar_type() == at::kFloat,
-              op, ": the CUDA kernels take float16, bfloat16 or float32, got ", t.scalar_type(),
-              " (float64 runs on the triton or reference backend)");
-}
 
 at::Tensor softmax_forward(const at::Tensor& x, const std::optional<at::Tensor>& mask, double scale, bool causal,
                            bool log) {

@@ -131,14 +131,26 @@ def _dtype_check(dtypes):
     return check
 
 
+CUDA_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _cuda_check(q: Tensor, dropout_p: float) -> Optional[str]:
+    """The CUDA C++ kernels (mma.sync, ldmatrix, cp.async) need sm_80 or newer and take 16- and 32-bit floats."""
+    if q.dtype not in CUDA_DTYPES:
+        return f"dtype {q.dtype} is not one of {CUDA_DTYPES}"
+    if torch.cuda.get_device_capability(q.device) < (8, 0):
+        return "the CUDA C++ attention kernels need compute capability 8.0 or newer"
+    return None
+
+
 FORWARD_CHECKS = {
-    "cuda": lambda *_: "the CUDA C++ attention kernel is not written yet (issue 3)",
+    "cuda": _cuda_check,
     "triton": _dtype_check(FLOAT_DTYPES),
     "cpu": _dtype_check(FLOAT_DTYPES),
     "reference": _dtype_check(FLOAT_DTYPES),
 }
 BACKWARD_CHECKS = {
-    "cuda": lambda *_: "no CUDA C++ attention backward yet (issue 3)",
+    "cuda": _cuda_check,
     "triton": _dtype_check(FLOAT_DTYPES),
     "cpu": _dtype_check(FLOAT_DTYPES),
     "reference": lambda *_: None,

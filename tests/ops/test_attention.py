@@ -144,6 +144,31 @@ def test_backward(backend_device, case, dtype):
         assert_error_ratio(mine, true, base, ratio=GRADIENT_RATIO, name=f"grad {arg}")
 
 
+@pytest.mark.parametrize("threads", [1, 64])
+def test_cpu_backward_schemes(threads):
+    """The C++ backward fuses dQ into the dK/dV pass when (batch x kv heads) tasks are plenty for the threads
+    (1 thread here) and runs two passes otherwise (64): both against the float64 truth."""
+    case = Case(batch=2, heads=4, kv_heads=2, seq_q=70, seq_k=90, head_dim=40, causal=True, mask="bool")
+    q, k, v, kwargs = make_inputs(case, torch.float32, torch.device("cpu"))
+    grad = torch.randn(*q.shape[:3], v.shape[-1])
+
+    def grads(fn, tensors):
+        tensors = [t.detach().requires_grad_() for t in tensors]
+        return torch.autograd.grad(fn(*tensors), tensors, grad.to(tensors[0].dtype))
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with fastattn.backend("cpu"):
+            ours = grads(lambda *t: fastattn.attention(*t, **kwargs), (q, k, v))
+    finally:
+        torch.set_num_threads(before)
+    truth = grads(lambda *t: reference_call(*t, kwargs)[0], [t.double() for t in (q, k, v)])
+    baseline = grads(lambda *t: reference_call(*t, kwargs, upcast=False)[0], (q, k, v))
+    for arg, mine, true, base in zip("qkv", ours, truth, baseline):
+        assert_error_ratio(mine, true, base, ratio=GRADIENT_RATIO, name=f"grad {arg}")
+
+
 def test_fully_masked_queries_give_zeros(backend_device):
     """A query that sees no key (bool mask all False, or before the causal diagonal) gets out 0, lse -inf
     and zero gradients, never NaN."""
