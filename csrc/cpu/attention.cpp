@@ -1,5 +1,5 @@
 // CPU implementation of the fastattn_C attention op (schema in csrc/fastattn.cpp): checks and argument packing
-// in csrc/attention_binding.h, the kernel in csrc/cpu/attention_kernel.cpp, tasks (batch x head x query block)
+// in csrc/attention_binding.h, the kernels declared in csrc/cpu/attention_kernel.h, tasks
 // split over at::parallel_for.
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
