@@ -26,4 +26,11 @@ TORCH_LIBRARY(fastattn_C, m) {
   m.def("attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor lse, Tensor delta, Tensor? mask, "
         "Tensor? key_padding, Tensor? alibi, float scale, int diagonal, int window_left, int window_right, "
         "float dropout_p, int seed) -> (Tensor, Tensor, Tensor)");
+  // KV-cache decoding attention: q (B, Hq, n, D), k_cache (B, Hkv, S, D), v_cache (B, Hkv, S, Dv), unit stride over
+  // the last dim; lengths (B,) int64 on q's device, the valid keys of each cache; alibi: None or (B, Hq) float32
+  // slopes, any strides. Query i of batch b sits at position lengths[b] - n + i and sees keys j < lengths[b] with
+  // -window_left <= j - position <= window_right (-1: unbounded; causal: window_right = 0). See csrc/kvcache.h.
+  // Returns out (B, Hq, n, Dv) contiguous in q.dtype and lse (B, Hq, n) float32; no key seen: 0 and -inf.
+  m.def("kvcache_forward(Tensor q, Tensor k_cache, Tensor v_cache, Tensor lengths, Tensor? alibi, float scale, "
+        "int window_left, int window_right) -> (Tensor, Tensor)");
 }

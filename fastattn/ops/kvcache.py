@@ -3,7 +3,8 @@ inference), its backends, and the public :func:`attention_with_kvcache`.
 
 The op's problem: q (B, Hq, n, D) against caches k (B, Hkv, S, D) / v (B, Hkv, S, Dv) that hold ``lengths[b]``
 valid keys; query i of batch b sits at position ``lengths[b] - n + i`` (see ``reference.attention_kvcache``).
-Backends: Triton's split-KV kernel (``triton_kernels/kvcache.py``); on the CPU the C++ attention kernel over the
+Backends: split-KV kernels in Triton (``triton_kernels/kvcache.py``) and CUDA C++ (``csrc/cuda/kvcache_kernel.cu``);
+on the CPU the C++ attention kernel over the
 valid part of the caches with a mask built from the lengths; the reference.
 """
 
@@ -15,10 +16,12 @@ import torch
 from torch import Tensor
 
 from fastattn import backends, reference
-from fastattn.ops.attention import FLOAT_DTYPES, _check_alibi, _check_qkv, _check_window, _dtype_check, _last_dim_unit
+from fastattn.ops.attention import (
+    FLOAT_DTYPES, _check_alibi, _check_qkv, _check_window, _cuda_check, _dtype_check, _last_dim_unit,
+)
 
 CHECKS = {
-    "cuda": lambda *_: "no CUDA C++ KV-cache kernel yet (issue 3); Triton's split-KV kernel runs on the GPU",
+    "cuda": _cuda_check,
     "triton": _dtype_check(FLOAT_DTYPES),
     "cpu": _dtype_check(FLOAT_DTYPES),
     "reference": lambda *_: None,
@@ -38,14 +41,14 @@ def attention_kvcache_op(
 ) -> tuple[Tensor, Tensor]:
     """(out, lse) of the module docstring's problem; ``lengths`` (B,) int64."""
     name = backends.select("attention_kvcache", q.device, CHECKS, q, 0.0)
-    if name == "triton":
+    if name in ("triton", "cuda"):
+        alibi = None if alibi is None else alibi.float().expand(q.shape[0], q.shape[1])
+        args = (_last_dim_unit(q), _last_dim_unit(k_cache), _last_dim_unit(v_cache), lengths.contiguous(), alibi)
+        if name == "cuda":
+            return torch.ops.fastattn_C.kvcache_forward(*args, scale, window_left, window_right)
         from fastattn.triton_kernels.kvcache import attention_kvcache  # noqa: PLC0415
 
-        alibi = None if alibi is None else alibi.float().expand(q.shape[0], q.shape[1])
-        return attention_kvcache(
-            _last_dim_unit(q), _last_dim_unit(k_cache), _last_dim_unit(v_cache), lengths.contiguous(), alibi, scale,
-            window_left, window_right,
-        )  # fmt: skip
+        return attention_kvcache(*args, scale, window_left, window_right)
     if q.device.type == "cpu" and lengths.numel() > 0:  # keys past every length are never read (no sync on a CPU)
         used = int(lengths.max())
         k_cache, v_cache = k_cache[:, :, :used], v_cache[:, :, :used]
