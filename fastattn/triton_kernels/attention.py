@@ -203,11 +203,11 @@ def _dropout_keep(
     """(BLOCK_M, BLOCK_N) bool, True where probability (b, h, i, j) survives dropout: word j % 4 of Philox at
     counter (j // 4, i, bh, 0) is >= threshold (csrc/philox.h). One Philox call covers 4 keys."""
     groups = (start_n // 4 + tl.arange(0, BLOCK_N // 4)).to(tl.uint32)
-    shape = [offs_m.shape[0], BLOCK_N // 4]
-    c0 = tl.broadcast_to(groups[None, :], shape)
-    c1 = tl.broadcast_to(offs_m.to(tl.uint32)[:, None], shape)
-    c2 = tl.full(shape, 0, tl.uint32) + bh.to(tl.uint32)
-    c3 = tl.full(shape, 0, tl.uint32)
+    # Shapes inline: a list bound to a name turns into tensors when compiled (the interpreter does not mind).
+    c0 = tl.broadcast_to(groups[None, :], [offs_m.shape[0], BLOCK_N // 4])
+    c1 = tl.broadcast_to(offs_m.to(tl.uint32)[:, None], [offs_m.shape[0], BLOCK_N // 4])
+    c2 = tl.zeros_like(c0) + bh.to(tl.uint32)
+    c3 = tl.zeros_like(c0)
     r0, r1, r2, r3 = _philox(c0, c1, c2, c3, seed0.to(tl.uint32), seed1.to(tl.uint32))
     # join appends a dim of 2: [m, g, a, b] = (r0, r2 | r1, r3)[b][a] -> flat key 4g + 2a + b
     words = tl.reshape(tl.join(tl.join(r0, r2), tl.join(r1, r3)), [offs_m.shape[0], BLOCK_N])
