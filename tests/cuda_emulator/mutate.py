@@ -1,0 +1,122 @@
+"""Mutation check of tests/test_cuda_emulated.py, for developers (CI does not run it: 15 to 30 s a mutant).
+
+    .venv/bin/python tests/cuda_emulator/mutate.py [SUBSTRING ...]    (only the mutants whose name contains one)
+
+Injects one bug at a time into a copy of csrc/cuda/attention_kernel.cu, runs the emulated tests on the copy
+(FASTATTN_EMULATED_KERNEL) until the first failure, and prints which test caught it and how. Every mutant must
+be caught; one that survives shows a gap in the test cases or the emulator. Exits 1 if any survives, 2 if a
+mutant's text is no longer in the .cu (update MUTANTS).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+KERNEL = ROOT / "csrc" / "cuda" / "attention_kernel.cu"
+
+# (name, text in the .cu, replacement of its first occurrence): realistic bugs, one at a time.
+MUTANTS = [
+    # Fragment layouts.
+    ("ldmatrix B rows and columns swapped",
+     "(n * 8 + lane % 8 + (lane / 16) * 8) * kL + kk * 16 + (lane / 8 % 2) * 8",
+     "(n * 8 + lane % 8 + (lane / 8 % 2) * 8) * kL + kk * 16 + (lane / 16) * 8"),
+    ("ldmatrix.trans matrices swapped",
+     "(kt * 16 + lane % 8 + (lane / 8 % 2) * 8) * kL + n * 16 + (lane / 16) * 8",
+     "(kt * 16 + lane % 8 + (lane / 16) * 8) * kL + n * 16 + (lane / 8 % 2) * 8"),
+    ("mma B registers swapped", "af[m], bf[0], bf[1]);", "af[m], bf[1], bf[0]);"),
+    ("fp32 GEMM quad shuffle source", "(lane & ~3) | src)", "(lane & ~3) | (3 - src))"),
+    ("accumulator pair stored swapped", "= pack2<T>(x, y);", "= pack2<T>(y, x);"),
+    # Synchronisation: each barrier removed, a wait too short, a barrier only one warp reaches.
+    ("no barrier: forward, after the cp.async wait", "    __syncthreads();\n\n    float s[kWM]", "\n    float s[kWM]"),
+    ("no barrier: forward, closing the key loop", "kL, n16);\n    __syncthreads();", "kL, n16);"),
+    ("no barrier: forward, before storing out",
+     "  __syncthreads();\n  store_tile<T, kBM, kL, kThreads>(static_cast<T*>(p.out)",
+     "  store_tile<T, kBM, kL, kThreads>(static_cast<T*>(p.out)"),
+    ("no barrier: dK/dV, after the cp.async wait",
+     "    __syncthreads();\n    const T* const q_s",
+     "    const T* const q_s"),
+    ("no barrier: dK/dV, closing the query loop",
+     "// dK += dS^T Q\n    }\n    __syncthreads();",
+     "// dK += dS^T Q\n    }"),
+    ("no barrier: dK/dV, before storing",
+     "  __syncthreads();\n  if constexpr (kDK) {\n    store",
+     "  if constexpr (kDK) {\n    store"),
+    ("no barrier: dQ, after the cp.async wait",
+     "    __syncthreads();\n    const T* const k_s",
+     "    const T* const k_s"),
+    ("no barrier: dQ, closing the key loop", "// dQ += dS K\n    __syncthreads();", "// dQ += dS K"),
+    ("no barrier: dQ, before storing", "  __syncthreads();\n  store_tile<T, kBM, kL, kThreads>(static_cast<T*>(p.dq)",
+     "  store_tile<T, kBM, kL, kThreads>(static_cast<T*>(p.dq)"),
+    ("forward waits for the wrong cp.async group", "cp_async_wait<1>();", "cp_async_wait<2>();"),
+    ("a barrier only warp 0 reaches", "  __syncthreads();\n  store_tile<T, kBM, kL, kThreads>(static_cast<T*>(p.out)",
+     "  if (warp == 0) __syncthreads();\n  store_tile<T, kBM, kL, kThreads>(static_cast<T*>(p.out)"),
+    ("single-buffered forward uses the second stage", "const int stage = p.stages == 2 ? (t & 1) : 0;",
+     "const int stage = t & 1;"),
+    # Bounds, windows and tiles.
+    ("rows past the sequence end loaded", "const int n = r < rows ? max(0, min(kE, cols - c0)) : 0;",
+     "const int n = max(0, min(kE, cols - c0));"),
+    ("rows past the sequence end stored", "if (r < rows && ch < chunks) {", "if (ch < chunks) {"),
+    ("tile_inside ignores the tile's last key", "k0 + kn - 1 <= q0 + p.diagonal", "k0 <= q0 + p.diagonal"),
+    ("key range one short",
+     "q0 + qn - 1 + p.diagonal + p.window_right + 1)",
+     "q0 + qn - 1 + p.diagonal + p.window_right)"),
+    ("key range starts one late", "q0 + p.diagonal - p.window_left)", "q0 + p.diagonal - p.window_left + 1)"),
+    ("dK/dV query range one short",
+     "k0 + kn - 1 - p.diagonal + p.window_left + 1)",
+     "k0 + kn - 1 - p.diagonal + p.window_left)"),
+    ("dK/dV query range starts one late", "k0 - p.diagonal - p.window_right)", "k0 - p.diagonal - p.window_right + 1)"),
+    # The maths and the features.
+    ("online softmax forgets to rescale O", "          o[mt][n][2 * hh] *= alpha;\n", ""),
+    ("dS with delta added", "(dp[0][n][i] * z - delta);", "(dp[0][n][i] * z + delta);"),
+    ("mask query stride", "i * p.mask_stride[2]", "i * p.mask_stride[1]"),
+    ("ALiBi ignores the diagonal", "distance = j - i - p.diagonal;", "distance = j - i;"),
+    ("GQA kv head of the forward", "hk = h / p.group;", "hk = h % p.heads_kv;"),
+    ("dropout bits of the forward shuffled", "(q / 2) * 16 + g + 8 * hh);", "(q % 2) * 16 + g + 8 * hh);"),
+    ("dropout bits of dK/dV shuffled", "((v >> (g % 4)) & 1u)", "((v >> (3 - g % 4)) & 1u)"),
+]  # fmt: skip
+
+
+def run(name: str, old: str, new: str, scratch: Path) -> tuple[str, str]:
+    """(verdict, detail) of one mutant."""
+    source = KERNEL.read_text()
+    if old not in source:
+        return "STALE", "its text is not in the .cu; update MUTANTS"
+    mutant = scratch / "attention_kernel.cu"
+    mutant.write_text(source.replace(old, new, 1))
+    env = dict(os.environ, FASTATTN_EMULATED_KERNEL=str(mutant), TMPDIR=str(scratch), COLUMNS="400")
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "tests/test_cuda_emulated.py"],
+        cwd=ROOT, env=env, capture_output=True, text=True,
+    )  # fmt: skip
+    if result.returncode == 0:
+        return "SURVIVED", "every test passed"
+    failed = re.search(r"^(FAILED|ERROR) \S+::(\S+)(?: - (.*))?$", result.stdout, re.M)
+    emulator = re.search(r"cuda emulator: .*", result.stdout + result.stderr)
+    detail = f"{failed.group(2)}: {(failed.group(3) or '')[:150]}" if failed else result.stdout[-300:]
+    return "caught", detail + (f"\n{'':>50}{emulator.group(0)[:150]}" if emulator else "")
+
+
+def main(filters: list[str]) -> int:
+    verdicts = []
+    with tempfile.TemporaryDirectory() as scratch:
+        for name, old, new in MUTANTS:
+            if filters and not any(f in name for f in filters):
+                continue
+            start = time.time()
+            verdict, detail = run(name, old, new, Path(scratch))
+            verdicts.append(verdict)
+            print(f"{verdict:8} {time.time() - start:5.0f} s  {name:40} {detail}", flush=True)
+    if "STALE" in verdicts:
+        return 2
+    return 1 if "SURVIVED" in verdicts else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
