@@ -5,9 +5,13 @@ before the tests import fastattn's kernels.
 """
 
 import os
+import sys
+from pathlib import Path
 
 import pytest
 import torch
+
+sys.path.insert(0, str(Path(__file__).parent))  # test helpers importable as packages (tests/cuda_emulator)
 
 HAS_GPU = torch.cuda.is_available()
 os.environ.pop("FASTATTN_BACKEND", None)  # the tests choose backends themselves

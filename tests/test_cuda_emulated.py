@@ -30,15 +30,7 @@ source instead (the mutation check, tests/cuda_emulator/mutate.py, uses it).
 from __future__ import annotations
 
 import ctypes
-import hashlib
-import importlib.util
-import mmap
 import os
-import shutil
-import signal
-import subprocess
-import tempfile
-import traceback
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,135 +38,22 @@ from pathlib import Path
 import pytest
 import torch
 
+from cuda_emulator import harness  # tests/cuda_emulator/harness.py (conftest.py puts tests/ on sys.path)
 from fastattn import reference
 from fastattn.testing import GRADIENT_RATIO, assert_error_ratio
 
-ROOT = Path(__file__).resolve().parents[1]
-EMULATOR = ROOT / "tests" / "cuda_emulator"
-CSRC = ROOT / "csrc"
-KERNEL = Path(os.environ.get("FASTATTN_EMULATED_KERNEL") or CSRC / "cuda" / "attention_kernel.cu").resolve()
-# On an idle 2-core machine -O1 compiles in 7 s and runs these tests in 10 s; -O0: 3 + 24 s, -O2: 9 + 9 s.
-CXXFLAGS = ["-std=c++17", "-O1", "-fPIC", "-shared", "-fvisibility=hidden", "-w", "-fno-strict-aliasing"]
-CALL_TIMEOUT_S = 300  # one emulated launcher call
-H100_SMEM = 227 * 1024  # opt-in shared memory per block of the emulated GPU, unless a case says otherwise
-CUDA_ERRORS = {1: "cudaErrorInvalidValue", 9: "cudaErrorInvalidConfiguration", 801: "cudaErrorNotSupported"}
 
-if os.environ.get("FASTATTN_SKIP_CUDA") == "1":
-    pytestmark = pytest.mark.skip(reason="FASTATTN_SKIP_CUDA=1: the CUDA kernels are skipped on purpose")
+H100_SMEM, CUDA_ERRORS = harness.H100_SMEM, harness.CUDA_ERRORS
+call_in_child, guarded, output, int64s = harness.call_in_child, harness.guarded, harness.output, harness.int64s
+KERNEL = Path(os.environ.get("FASTATTN_EMULATED_KERNEL") or harness.CSRC / "cuda" / "attention_kernel.cu").resolve()
+
+if harness.SKIPPED:
+    pytestmark = pytest.mark.skip(reason=harness.SKIP_REASON)
 
 
 # ---------------------------------------------------------------------------------------------------------
 # Building and calling the emulated kernels.
 # ---------------------------------------------------------------------------------------------------------
-
-
-def cuda_include() -> Path | None:
-    for root in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"):
-        if root and (Path(root) / "include" / "cuda_fp16.h").exists():
-            return Path(root) / "include"
-    return None
-
-
-def build(cache: Path) -> Path:
-    """The emulator library of KERNEL, compiled unless the cache holds one built from the same sources."""
-    compiler, include = shutil.which("g++"), cuda_include()
-    skip = "(FASTATTN_SKIP_CUDA=1 skips the CUDA kernels' tests on purpose)"
-    if compiler is None:
-        pytest.fail(f"g++ is not on PATH: the emulated CUDA kernels are compiled with it {skip}")
-    if include is None:
-        pytest.fail(f"no CUDA headers (cuda_fp16.h in $CUDA_HOME/include or /usr/local/cuda/include) {skip}")
-    sources = [KERNEL, *EMULATOR.glob("*.h"), EMULATOR / "gen.py", EMULATOR / "shim.cpp"]
-    sources += [*CSRC.glob("*.h"), *(CSRC / "cuda").glob("*.h")]  # what the .cu may include
-    digest = hashlib.sha256(" ".join([compiler, str(include), *CXXFLAGS]).encode())
-    for path in sorted(sources):
-        digest.update(path.read_bytes())
-    out = cache / digest.hexdigest()[:20]
-    library = out / "libattention_emu.so"
-    if library.exists():
-        return library
-
-    spec = importlib.util.spec_from_file_location("cuda_emulator_gen", EMULATOR / "gen.py")
-    gen = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(gen)
-    emulated = gen.generate(KERNEL.read_text(), str(KERNEL))  # a GenerationError says what to update
-    out.mkdir(parents=True, exist_ok=True)
-    source, partial = out / f"attention_kernel_emu.{os.getpid()}.cpp", out / f"libattention_emu.{os.getpid()}.so"
-    source.write_text(emulated)
-    command = [
-        compiler, *CXXFLAGS, f"-DEMULATED_KERNEL=\"{source}\"", f"-I{EMULATOR}", f"-I{CSRC / 'cuda'}", f"-I{CSRC}",
-        f"-I{include}", str(EMULATOR / "shim.cpp"), "-o", str(partial),
-    ]  # fmt: skip
-    result = subprocess.run(command, capture_output=True, text=True)
-    if result.returncode != 0:
-        pytest.fail(
-            "g++ could not compile the emulated CUDA kernels (does the .cu use a CUDA feature emu.h lacks?):\n"
-            f"{' '.join(command)}\n{result.stderr[-8000:]}"
-        )
-    os.replace(source, out / "attention_kernel_emu.cpp")  # what was compiled, for a look
-    os.replace(partial, library)  # atomic: a concurrent run never loads a half-written library
-    return library
-
-
-def call_in_child(function, *args) -> int:
-    """function(*args), a ctypes call writing only to shared memory, run in a forked child: a crash, a deadlock
-    the emulator reports or a hang fails the calling test, with the child's stderr, instead of killing pytest."""
-    result_read, result_write = os.pipe()
-    with tempfile.TemporaryFile() as stderr:
-        pid = os.fork()
-        if pid == 0:
-            try:
-                os.dup2(stderr.fileno(), 2)
-                signal.signal(signal.SIGALRM, signal.SIG_DFL)
-                signal.alarm(CALL_TIMEOUT_S)
-                os.write(result_write, str(function(*args)).encode())
-            except BaseException:
-                traceback.print_exc()
-                os._exit(1)
-            os._exit(0)
-        os.close(result_write)
-        with os.fdopen(result_read) as pipe:
-            result = pipe.read()
-        _, status = os.waitpid(pid, 0)
-        stderr.seek(0)
-        report = stderr.read().decode(errors="replace")[-4000:]
-    if os.WIFSIGNALED(status):
-        sig = signal.Signals(os.WTERMSIG(status))
-        why = f"took over {CALL_TIMEOUT_S} s" if sig == signal.SIGALRM else f"died of {sig.name}"
-        pytest.fail(f"the emulated kernel {why}:\n{report}")
-    if os.WEXITSTATUS(status) != 0 or not result:
-        pytest.fail(f"calling the emulator failed:\n{report}")
-    return int(result)
-
-
-LIBC = ctypes.CDLL(None, use_errno=True)
-LIBC.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-
-
-def guarded(t: torch.Tensor) -> torch.Tensor:
-    """A copy of ``t`` (same shape and strides) in memory that forked children share, ending right before an
-    inaccessible page: a kernel that reads or writes past the tensor's last element crashes. Its first element
-    is 16-byte aligned, as in torch's allocations."""
-    span = 1 + sum((n - 1) * s for n, s in zip(t.shape, t.stride())) if t.numel() else 0  # elements
-    if span == 0:
-        return torch.empty_strided(t.shape, t.stride(), dtype=t.dtype)
-    nbytes = -(-span * t.element_size() // 16) * 16
-    size = -(-nbytes // mmap.PAGESIZE) * mmap.PAGESIZE
-    memory = mmap.mmap(-1, size + mmap.PAGESIZE)  # shared with children
-    if LIBC.mprotect(ctypes.addressof(ctypes.c_char.from_buffer(memory)) + size, mmap.PAGESIZE, 0) != 0:
-        raise OSError(ctypes.get_errno(), "mprotect(PROT_NONE) failed")
-    copy = torch.frombuffer(memory, dtype=t.dtype, count=span, offset=size - nbytes).as_strided(t.shape, t.stride())
-    distinct = tuple(0 if stride == 0 else slice(None) for stride in t.stride())  # broadcast dims: write once
-    copy[distinct].copy_(t[distinct])
-    return copy
-
-
-def output(shape, dtype) -> torch.Tensor:
-    """A guarded output, NaN until the kernel writes it."""
-    return guarded(torch.full(shape, float("nan"), dtype=dtype))
-
-
-def int64s(values):
-    return (ctypes.c_int64 * len(values))(*values)
 
 
 def load(library: Path) -> ctypes.CDLL:
@@ -195,9 +74,7 @@ def load(library: Path) -> ctypes.CDLL:
 @pytest.fixture(scope="session")
 def lib(request) -> ctypes.CDLL:
     """The emulator library, built once per source hash in the pytest cache (or a temporary directory)."""
-    cache = getattr(request.config, "cache", None)
-    directory = cache.mkdir("cuda_emulator") if cache else Path(tempfile.gettempdir()) / "fastattn-cuda-emulator"
-    return load(build(Path(directory)))
+    return load(harness.build(harness.cache_directory(request), KERNEL, harness.EMULATOR / "shim.cpp"))
 
 
 class Kernels:

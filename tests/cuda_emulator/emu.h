@@ -1,5 +1,5 @@
-// A CPU emulator for the CUDA features csrc/cuda/attention_kernel.cu uses, so that tests/test_cuda_emulated.py
-// can run those kernels on a machine without a GPU.
+// A CPU emulator for the CUDA features csrc/cuda/attention_kernel.cu and kvcache_kernel.cu use, so that
+// tests/test_cuda_emulated.py and tests/test_cuda_emulated_kvcache.py can run those kernels on a machine without a GPU.
 //
 // gen.py rewrites the .cu into C++ that includes this header. It swaps only the bodies of the inline-PTX wrappers
 // (cp.async, ldmatrix, mma.sync, ex2.approx) for the emu:: functions below, each `kernel<<<...>>>(...)` for
@@ -27,7 +27,8 @@
 //     or when issued, so that a copy into a buffer other warps still read corrupts their results. A thread that
 //     exits with copies it never waited for is an error.
 //   - The CUDA runtime calls of the launchers (cudaGetDevice, cudaDeviceGetAttribute, cudaFuncSetAttribute,
-//     cudaGetLastError) are emulated for one device whose opt-in shared memory per block is emu::smem_limit; as
+//     cudaGetLastError) are emulated for one device whose opt-in shared memory per block is emu::smem_limit and
+//     whose multiprocessor count is emu::sm_count (the callers set both per call); as
 //     on a GPU, a launch asking for more than 48 KiB of dynamic shared memory fails unless
 //     cudaFuncSetAttribute(MaxDynamicSharedMemorySize) allowed it first.
 //
@@ -462,6 +463,7 @@ inline void cp_async_wait(int n) {
 // ---------------------------------------------------------------------------------------------------------
 
 inline int smem_limit = 227 << 10;                   // the device's cudaDevAttrMaxSharedMemoryPerBlockOptin
+inline int sm_count = 132;                           // its cudaDevAttrMultiProcessorCount
 inline std::map<const void*, int> max_dynamic_smem;  // cudaFuncAttributeMaxDynamicSharedMemorySize per kernel
 inline cudaError_t last_error = cudaSuccess;
 
@@ -576,10 +578,13 @@ cudaError_t cudaGetDevice(int* device) {
 }
 
 cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int) {
-  if (attr != cudaDevAttrMaxSharedMemoryPerBlockOptin) {
+  if (attr == cudaDevAttrMaxSharedMemoryPerBlockOptin) {
+    *value = emu::smem_limit;
+  } else if (attr == cudaDevAttrMultiProcessorCount) {
+    *value = emu::sm_count;
+  } else {
     emu::fail("cudaDeviceGetAttribute(%d) is not emulated", int(attr));
   }
-  *value = emu::smem_limit;
   return cudaSuccess;
 }
 

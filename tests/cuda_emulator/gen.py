@@ -1,14 +1,17 @@
-"""Rewrites csrc/cuda/attention_kernel.cu into C++ that g++ compiles against the CPU emulator (emu.h).
+"""Rewrites a CUDA kernel file of csrc/cuda (one of KERNELS) into C++ that g++ compiles against the CPU emulator
+(emu.h).
 
-    python tests/cuda_emulator/gen.py [KERNEL.cu [OUT.cpp]]    (defaults: the repository's kernel, stdout)
+    python tests/cuda_emulator/gen.py [KERNEL.cu [OUT.cpp]]    (defaults: attention_kernel.cu, stdout)
 
 Three things change, and line numbers do not (a #line directive points compiler errors into the .cu):
-  - each inline-PTX wrapper named in EMULATED keeps its signature and gets an emulated body;
+  - each inline-PTX wrapper named in the kernel's swap table (KERNELS, by file name; the signatures and bodies are
+    in EMULATED) keeps its signature and gets an emulated body;
   - ``extern __shared__ T name[];`` becomes a pointer to the running block's emulated shared memory;
   - ``kernel<<<config>>>(args);`` becomes ``emu::launch(kernel, emu::LaunchConfig{config}, args);``.
 Whatever else the emulator cannot take stops generation with a GenerationError that says what to update:
-inline PTX outside the known wrappers, a wrapper whose signature changed, a static ``__shared__`` array,
-shared memory aligned to more than 16 bytes.
+inline PTX outside the kernel's wrappers, a wrapper whose signature changed, a wrapper of the table that the .cu
+no longer defines, a kernel file without a table, a launch that is not a statement of its own, a static
+``__shared__`` array, shared memory aligned to more than 16 bytes.
 """
 
 from __future__ import annotations
@@ -36,7 +39,15 @@ EMULATED = {
     "exp2_approx": ("float exp2_approx(float x)", "return emu::ex2_approx_ftz(x);"),
 }  # fmt: skip
 
-HELP = f"add it to EMULATED in {Path(__file__).name}"
+# Swap tables: the wrappers each kernel file (by name; mutated copies keep it) defines, every one of them.
+KERNELS = {
+    "attention_kernel.cu": ("smem_address", "cp_async16", "cp_async4", "cp_async_commit", "cp_async_wait",
+                            "ldmatrix_x4", "ldmatrix_x4_trans", "mma16816", "exp2_approx"),
+    "kvcache_kernel.cu": ("smem_address", "cp_async16", "cp_async_commit", "cp_async_wait", "ldmatrix_x4",
+                          "ldmatrix_x4_trans", "mma16816", "exp2_approx"),
+}  # fmt: skip
+
+HELP = f"add it to EMULATED and to the kernel's table in KERNELS in {Path(__file__).name}"
 
 DEVICE_FUNCTION = re.compile(r"(?:template\s*<[^;{}]*?>\s*)?__device__\s+__forceinline__\s+[^;{}()]*?\b(\w+)\s*\(")
 EXTERN_SHARED = re.compile(
@@ -117,8 +128,9 @@ def same_lines(new: str, old: str) -> str:
     return re.sub(r"\s+", " ", new) + "\n" * old.count("\n")
 
 
-def wrapper_edits(source: str, code: str) -> list[tuple[int, int, str]]:
-    """(start, end, text): the emulated bodies; fails on inline PTX anywhere else, or a changed signature."""
+def wrapper_edits(source: str, code: str, table: tuple[str, ...]) -> list[tuple[int, int, str]]:
+    """(start, end, text): the emulated bodies of the wrappers in ``table``; fails on inline PTX anywhere else, a
+    changed signature, or a wrapper of the table that the source does not define."""
     functions = []  # (start, end, name, opening brace of the body)
     for m in DEVICE_FUNCTION.finditer(code):
         brace = skip_space(code, matching(code, m.end() - 1) + 1)  # after the parameter list
@@ -131,14 +143,20 @@ def wrapper_edits(source: str, code: str) -> list[tuple[int, int, str]]:
                 f"line {line_of(code, m.start())}: inline PTX outside a __device__ __forceinline__ function; wrap "
                 f"it in one, emulate it in emu.h and {HELP}"
             )
-        if inside[0][2] not in EMULATED:
+        if inside[0][2] not in table:
             raise GenerationError(
                 f"line {line_of(code, m.start())}: {inside[0][2]} uses inline PTX that has no CPU emulation: "
                 f"emulate it in emu.h and {HELP}"
             )
     edits = []
+    missing = set(table) - {f[2] for f in functions}
+    if missing:
+        raise GenerationError(
+            f"no __device__ __forceinline__ definition of {', '.join(sorted(missing))}: a wrapper was renamed or "
+            f"removed; update the kernel's table in KERNELS in {Path(__file__).name}"
+        )
     for start, end, name, brace in functions:
-        if name not in EMULATED:
+        if name not in table:
             continue
         expected, body = EMULATED[name]
         found = source[start:brace]
@@ -199,8 +217,14 @@ def generate(source: str, path: str = str(KERNEL)) -> str:
 
 
 def rewrite(source: str, path: str) -> str:
+    table = KERNELS.get(Path(path).name)
+    if table is None:
+        raise GenerationError(
+            f"no swap table for {Path(path).name}: add one to KERNELS in {Path(__file__).name} (the .cu's inline-PTX "
+            f"wrappers, each in EMULATED)"
+        )
     code = blank_comments_and_literals(source)
-    edits = sorted(wrapper_edits(source, code) + shared_edits(source, code) + launch_edits(source, code))
+    edits = sorted(wrapper_edits(source, code, table) + shared_edits(source, code) + launch_edits(source, code))
     for (_, end, _), (start, _, _) in zip(edits, edits[1:]):
         if start < end:
             raise GenerationError(f"line {line_of(code, start)}: overlapping rewrites")

@@ -1,9 +1,12 @@
-"""Mutation check of tests/test_cuda_emulated.py, for developers (CI does not run it: 15 to 30 s a mutant).
+"""Mutation check of tests/test_cuda_emulated.py and tests/test_cuda_emulated_kvcache.py, for developers (CI does
+not run it: 15 to 30 s a mutant).
 
-    .venv/bin/python tests/cuda_emulator/mutate.py [SUBSTRING ...]    (only the mutants whose name contains one)
+    .venv/bin/python tests/cuda_emulator/mutate.py [SUBSTRING ...]    (only the mutants whose name contains one;
+                                                                       "kvcache" selects the decoding kernel's)
 
-Injects one bug at a time into a copy of csrc/cuda/attention_kernel.cu, runs the emulated tests on the copy
-(FASTATTN_EMULATED_KERNEL) until the first failure, and prints which test caught it and how. Every mutant must
+Injects one bug at a time into a copy of csrc/cuda/attention_kernel.cu (MUTANTS) or kvcache_kernel.cu
+(KVCACHE_MUTANTS), runs that kernel's emulated tests on the copy (FASTATTN_EMULATED_KERNEL,
+FASTATTN_EMULATED_KVCACHE_KERNEL) until the first failure, and prints which test caught it and how. Every mutant must
 be caught; one that survives shows a gap in the test cases or the emulator. Exits 1 if any survives, 2 if a
 mutant's text is no longer in the .cu (update MUTANTS).
 """
@@ -20,6 +23,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 KERNEL = ROOT / "csrc" / "cuda" / "attention_kernel.cu"
+KVCACHE_KERNEL = ROOT / "csrc" / "cuda" / "kvcache_kernel.cu"
 
 # (name, text in the .cu, replacement of its first occurrence): realistic bugs, one at a time.
 MUTANTS = [
@@ -82,17 +86,64 @@ MUTANTS = [
     ("dropout bits of dK/dV shuffled", "((v >> (g % 4)) & 1u)", "((v >> (3 - g % 4)) & 1u)"),
 ]  # fmt: skip
 
+# The same for csrc/cuda/kvcache_kernel.cu. Not listed because they cannot fail (equivalent mutants): the merge
+# shifting by `top` instead of `shift` (they differ only when no split saw a key, and then every weight is skipped),
+# load_rows never zero-filling a chunk directly (the cp.async or element path zero-fills it too), and removing the
+# barrier before the warps' (m, l, O) reuse the tiles (the key loop's closing barrier already orders them).
+KVCACHE_MUTANTS = [
+    # Fragment layouts and the float32 path.
+    ("kvcache: ldmatrix K rows and columns swapped",
+     "(n * 8 + lane % 8 + (lane / 16) * 8) * kL + kk * 16 + (lane / 8 % 2) * 8",
+     "(n * 8 + lane % 8 + (lane / 8 % 2) * 8) * kL + kk * 16 + (lane / 16) * 8"),
+    ("kvcache: fp32 P V quad shuffle source", "(lane & ~3) | src)", "(lane & ~3) | (3 - src))"),
+    # Synchronisation.
+    ("kvcache: no barrier after the cp.async wait",
+     "    __syncthreads();  // the tile (and, at t = 0, Q) is in shared memory\n", ""),
+    ("kvcache: no barrier before a stage is refilled",
+     "    __syncthreads();  // every warp is done with this stage before it is refilled\n", ""),
+    ("kvcache: waits for the wrong cp.async group", "cp_async_wait<1>();", "cp_async_wait<2>();"),
+    ("kvcache: single-stage launch uses the second stage", "const int stage = p.stages == 2 ? t & 1 : 0;",
+     "const int stage = t & 1;"),
+    # Bounds, lengths, windows and splits.
+    ("kvcache: keys past the length visible", "j < end && ", ""),
+    ("kvcache: split end ignores the length", "min64(min64(start + p.split_size, length), p.seq_k)",
+     "min64(start + p.split_size, p.seq_k)"),
+    ("kvcache: left window one short", "distance >= -p.window_left", "distance > -p.window_left"),
+    ("kvcache: split start one late with a left window", "length - p.n - p.window_left);",
+     "length - p.n - p.window_left + 1);"),
+    ("kvcache: query position one late", "pos[hh] = length - p.n + query;", "pos[hh] = length - p.n + query + 1;"),
+    ("kvcache: lengths stride ignored", "p.lengths[b * p.lengths_stride]", "p.lengths[b]"),
+    ("kvcache: partials of rows past the block written", "idx < rows * cols; idx += kThreads",
+     "idx < kRows * cols; idx += kThreads"),
+    ("kvcache: merge kernel without its row guard", "  if (row >= total_rows) return;\n", ""),
+    ("kvcache: merge skips the last split", "for (int64_t s = 0; s < p.splits; ++s) {",
+     "for (int64_t s = 0; s < p.splits - 1; ++s) {"),
+    # The maths and the features.
+    ("kvcache: online softmax forgets to rescale O", "        o[n][2 * hh] *= alpha;\n", ""),
+    ("kvcache: row max not reduced over the quad", "      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));\n", ""),
+    ("kvcache: ALiBi sign", "x -= slope[hh]", "x += slope[hh]"),
+    ("kvcache: ALiBi slope ignores the batch", "b * p.alibi_stride[0] + head * p.alibi_stride[1]",
+     "head * p.alibi_stride[1]"),
+    ("kvcache: GQA rows: head and query swapped", "head = h_kv * group + row / p.n, query = row % p.n;",
+     "head = h_kv * group + row % p.n, query = row / p.n;"),
+]  # fmt: skip
 
-def run(name: str, old: str, new: str, scratch: Path) -> tuple[str, str]:
-    """(verdict, detail) of one mutant."""
-    source = KERNEL.read_text()
+TARGETS = [  # (mutants, kernel, its environment variable, its test)
+    (MUTANTS, KERNEL, "FASTATTN_EMULATED_KERNEL", "tests/test_cuda_emulated.py"),
+    (KVCACHE_MUTANTS, KVCACHE_KERNEL, "FASTATTN_EMULATED_KVCACHE_KERNEL", "tests/test_cuda_emulated_kvcache.py"),
+]
+
+
+def run(name: str, old: str, new: str, scratch: Path, kernel: Path, variable: str, test: str) -> tuple[str, str]:
+    """(verdict, detail) of one mutant of ``kernel``."""
+    source = kernel.read_text()
     if old not in source:
-        return "STALE", "its text is not in the .cu; update MUTANTS"
-    mutant = scratch / "attention_kernel.cu"
+        return "STALE", "its text is not in the .cu; update the mutants"
+    mutant = scratch / kernel.name  # gen.py picks the swap table by the file name
     mutant.write_text(source.replace(old, new, 1))
-    env = dict(os.environ, FASTATTN_EMULATED_KERNEL=str(mutant), TMPDIR=str(scratch), COLUMNS="400")
+    env = dict(os.environ, TMPDIR=str(scratch), COLUMNS="400", **{variable: str(mutant)})
     result = subprocess.run(
-        [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "tests/test_cuda_emulated.py"],
+        [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", test],
         cwd=ROOT, env=env, capture_output=True, text=True,
     )  # fmt: skip
     if result.returncode == 0:
@@ -106,13 +157,14 @@ def run(name: str, old: str, new: str, scratch: Path) -> tuple[str, str]:
 def main(filters: list[str]) -> int:
     verdicts = []
     with tempfile.TemporaryDirectory() as scratch:
-        for name, old, new in MUTANTS:
-            if filters and not any(f in name for f in filters):
-                continue
-            start = time.time()
-            verdict, detail = run(name, old, new, Path(scratch))
-            verdicts.append(verdict)
-            print(f"{verdict:8} {time.time() - start:5.0f} s  {name:40} {detail}", flush=True)
+        for mutants, kernel, variable, test in TARGETS:
+            for name, old, new in mutants:
+                if filters and not any(f in name for f in filters):
+                    continue
+                start = time.time()
+                verdict, detail = run(name, old, new, Path(scratch), kernel, variable, test)
+                verdicts.append(verdict)
+                print(f"{verdict:8} {time.time() - start:5.0f} s  {name:60} {detail}", flush=True)
     if "STALE" in verdicts:
         return 2
     return 1 if "SURVIVED" in verdicts else 0
