@@ -10,7 +10,7 @@ broadcast); an optional (B, Sk) key-padding view; optional (B, Hq) ALiBi slopes;
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 from torch import Tensor
