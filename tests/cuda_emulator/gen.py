@@ -4,8 +4,8 @@
     python tests/cuda_emulator/gen.py [KERNEL.cu [OUT.cpp]]    (defaults: attention_kernel.cu, stdout)
 
 Three things change, and line numbers do not (a #line directive points compiler errors into the .cu):
-  - each inline-PTX wrapper named in the kernel's swap table (KERNELS, by file name; the signatures and bodies are
-    in EMULATED) keeps its signature and gets an emulated body;
+  - each inline-PTX wrapper of csrc/cuda/ptx.h (the signatures and bodies are in EMULATED) keeps its signature and
+    gets an emulated body, and the kernel's ``#include "ptx.h"`` line becomes that emulated header;
   - ``extern __shared__ T name[];`` becomes a pointer to the running block's emulated shared memory;
   - ``kernel<<<config>>>(args);`` becomes ``emu::launch(kernel, emu::LaunchConfig{config}, args);``.
 Whatever else the emulator cannot take stops generation with a GenerationError that says what to update:
@@ -39,13 +39,15 @@ EMULATED = {
     "exp2_approx": ("float exp2_approx(float x)", "return emu::ex2_approx_ftz(x);"),
 }  # fmt: skip
 
-# Swap tables: the wrappers each kernel file (by name; mutated copies keep it) defines, every one of them.
+# Swap tables: the wrappers each file (by name; mutated copies keep it) defines, every one of them. The kernels
+# define none: they include csrc/cuda/ptx.h, whose emulated rewrite replaces the include line.
 KERNELS = {
-    "attention_kernel.cu": ("smem_address", "cp_async16", "cp_async4", "cp_async_commit", "cp_async_wait",
-                            "ldmatrix_x4", "ldmatrix_x4_trans", "mma16816", "exp2_approx"),
-    "kvcache_kernel.cu": ("smem_address", "cp_async16", "cp_async_commit", "cp_async_wait", "ldmatrix_x4",
-                          "ldmatrix_x4_trans", "mma16816", "exp2_approx"),
-}  # fmt: skip
+    "ptx.h": tuple(EMULATED),
+    "attention_kernel.cu": (),
+    "kvcache_kernel.cu": (),
+}
+PTX = KERNEL.parent / "ptx.h"
+INCLUDE_PTX = re.compile(r'^#include "ptx\.h"[ \t]*$', re.MULTILINE)
 
 HELP = f"add it to EMULATED and to the kernel's table in KERNELS in {Path(__file__).name}"
 
@@ -230,11 +232,22 @@ def rewrite(source: str, path: str) -> str:
             raise GenerationError(f"line {line_of(code, start)}: overlapping rewrites")
     for start, end, text in reversed(edits):
         source = source[:start] + text + source[end:]
+    source = inline_ptx(source, path)
     left = blank_comments_and_literals(source)
     for construct in (r"\basm\b", "<<<", r"\b__shared__\b"):
         if re.search(construct, left):  # the checks above should have caught it
             raise GenerationError(f"`{construct}` is left after rewriting; extend gen.py")
     return f'#include "emu.h"\n#line 1 "{path}"\n{source}'
+
+
+def inline_ptx(source: str, path: str) -> str:
+    """``source`` with its ``#include "ptx.h"`` line replaced by the emulated wrappers of csrc/cuda/ptx.h, and a
+    #line directive after them, so that the kernel's line numbers stay its own."""
+    m = INCLUDE_PTX.search(source)
+    if m is None:
+        return source
+    ptx = rewrite(PTX.read_text(), str(PTX)).replace("#pragma once", "", 1).removeprefix('#include "emu.h"\n')
+    return f'{source[: m.start()]}{ptx}\n#line {source.count(chr(10), 0, m.start()) + 2} "{path}"{source[m.end():]}'
 
 
 def main(argv: list[str]) -> int:
