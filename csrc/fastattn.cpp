@@ -33,4 +33,27 @@ TORCH_LIBRARY(fastattn_C, m) {
   // Returns out (B, Hq, n, Dv) contiguous in q.dtype and lse (B, Hq, n) float32; no key seen: 0 and -inf.
   m.def("kvcache_forward(Tensor q, Tensor k_cache, Tensor v_cache, Tensor lengths, Tensor? alibi, float scale, "
         "int window_left, int window_right) -> (Tensor, Tensor)");
+  // LayerNorm (rms = false) or RMSNorm of z = dropout(x) + residual over each row (see csrc/norm.h):
+  // x (R, N) and residual None or (R, N), unit stride over N; weight, bias None or contiguous (N,) in x.dtype or
+  // float32; dropout_p in [0, 1) with the 64-bit Philox seed (elementwise dropout, csrc/philox.h).
+  // Returns out (R, N) contiguous in x.dtype; residual_out = z, contiguous (R, N) in residual_out_dtype, stored
+  // only when that dtype is given (else an empty tensor); mean (R,) (empty for RMSNorm) and rstd (R,) in float32
+  // (float64 for float64 x).
+  m.def("norm_forward(Tensor x, Tensor? residual, Tensor? weight, Tensor? bias, float eps, bool rms, "
+        "float dropout_p, int seed, ScalarType? residual_out_dtype) -> (Tensor, Tensor, Tensor, Tensor)");
+  // The gradients of norm_forward: grad_out (R, N) in x_dtype, unit stride over N; grad_residual None or (R, N), the
+  // gradient of residual_out, in z's dtype; z (R, N), unit stride over N: residual_out, or x when none was stored;
+  // weight, mean, rstd, rms, dropout_p and seed as in the forward; has_bias: whether the forward had a bias.
+  // Returns grad_x (R, N) in x_dtype; grad_residual_in (R, N) in residual_dtype (empty when None); grad_weight and
+  // grad_bias (N,) in weight's dtype (empty without weight / bias).
+  m.def("norm_backward(Tensor grad_out, Tensor? grad_residual, Tensor z, Tensor? weight, Tensor mean, Tensor rstd, "
+        "bool rms, bool has_bias, float dropout_p, int seed, ScalarType x_dtype, ScalarType? residual_dtype) "
+        "-> (Tensor, Tensor, Tensor, Tensor)");
+  // Rotary position embeddings (see csrc/rotary.h): rotates q (B, Hq, S, D) and k None or (B, Hk, S, D), unit
+  // stride over D, into q_out / k_out (same shapes, unit stride over D; fresh tensors, or q / k themselves to
+  // rotate in place). positions None or (B, S) int64, any strides; offsets None or contiguous (B,) int64;
+  // cos, sin None or (P, rotary_dim / 2) tables in float32 (float64 for float64 q), unit stride over pairs; a
+  // position outside the tables gives NaN. inverse rotates by minus the angles (the backward).
+  m.def("rotary(Tensor q, Tensor? k, Tensor(a!) q_out, Tensor(b!)? k_out, Tensor? positions, Tensor? offsets, "
+        "Tensor? cos, Tensor? sin, int offset, int rotary_dim, bool interleaved, float base, bool inverse) -> ()");
 }

@@ -6,23 +6,29 @@ unavailable (``python -m fastattn.info``).
 
 from fastattn import backends, reference
 from fastattn.backends import BackendError, backend, record
-from fastattn.nn import Softmax
+from fastattn.nn import LayerNorm, RMSNorm, Softmax
 from fastattn.ops.attention import attention, scaled_dot_product_attention
 from fastattn.ops.kvcache import attention_with_kvcache
+from fastattn.ops.norm import dropout_add_norm, layer_norm, rms_norm
 from fastattn.ops.softmax import log_softmax, softmax
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BackendError",
+    "LayerNorm",
+    "RMSNorm",
     "Softmax",
     "attention",
     "attention_with_kvcache",
     "backend",
     "backends",
+    "dropout_add_norm",
+    "layer_norm",
     "log_softmax",
     "record",
     "reference",
+    "rms_norm",
     "scaled_dot_product_attention",
     "softmax",
 ]

@@ -158,6 +158,17 @@ def attention_dropout_mask(seed: int, p: float, shape: tuple[int, int, int, int]
     return (bits >= dropout_threshold(p)).reshape(shape)
 
 
+def elementwise_dropout_mask(seed: int, p: float, rows: int, n: int, device: torch.device) -> Tensor:
+    """The kept entries (True) of elementwise dropout (norms, positional encodings) with probability ``p`` over a
+    (rows, n) tensor: element (r, c) is kept iff word ``c % 4`` of Philox at counter (c // 4, r mod 2^32,
+    r // 2^32, 1) is at least :func:`dropout_threshold` (csrc/philox.h)."""
+    groups = torch.arange((n + 3) // 4, device=device)[None, :]
+    row = torch.arange(rows, device=device)[:, None]
+    words = philox(groups, row & _WORD, row >> 32, torch.ones_like(groups), seed)
+    bits = torch.stack(torch.broadcast_tensors(*words), dim=-1).flatten(-2)[:, :n]
+    return bits >= dropout_threshold(p)
+
+
 def attention_scores(
     q: Tensor,
     k: Tensor,
@@ -316,3 +327,75 @@ def attention_kvcache(
         compute_dtype(q.dtype) if upcast else q.dtype,
     )
     return attention(q, k_cache, v_cache, mask, scale=scale, upcast=upcast)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# LayerNorm and RMSNorm, with the fused dropout + residual of pre-norm blocks.
+# ---------------------------------------------------------------------------------------------------------
+
+
+def norm(
+    x: Tensor,
+    residual: Optional[Tensor] = None,
+    weight: Optional[Tensor] = None,
+    bias: Optional[Tensor] = None,
+    eps: float = 1e-5,
+    rms: bool = False,
+    keep: Optional[Tensor] = None,
+    dropout_p: float = 0.0,
+    residual_out_dtype: Optional[torch.dtype] = None,
+    upcast: bool = True,
+) -> tuple[Tensor, Tensor]:
+    """LayerNorm (or RMSNorm when ``rms``) over the last dim of z = dropout(x) + residual; returns (out, z).
+
+    x, residual: (..., N); weight, bias: (N,); keep: bool (..., N), the elements dropout keeps (scaled by
+    1 / (1 - dropout_p)), None for no dropout. Statistics in :func:`compute_dtype` (x's dtype when not
+    ``upcast``); out in x's dtype, z in ``residual_out_dtype`` (default residual's dtype, else x's).
+    """
+    work = compute_dtype(x.dtype) if upcast else x.dtype
+    z = x.to(work)
+    if keep is not None:
+        z = z * keep / (1.0 - dropout_p)
+    if residual is not None:
+        z = z + residual.to(work)
+    z_dtype = residual_out_dtype or (residual.dtype if residual is not None else x.dtype)
+    z = z.to(z_dtype).to(work)  # the stored residual is rounded before the norm reads it, as in the kernels
+    centred = z if rms else z - z.mean(dim=-1, keepdim=True)
+    rstd = torch.rsqrt(centred.pow(2).mean(dim=-1, keepdim=True) + eps)
+    out = centred * rstd
+    if weight is not None:
+        out = out * weight.to(work)
+    if bias is not None:
+        out = out + bias.to(work)
+    return out.to(x.dtype), z.to(z_dtype)
+
+
+def norm_backward(
+    grad_out: Tensor,
+    grad_residual: Optional[Tensor],
+    z: Tensor,
+    weight: Optional[Tensor],
+    eps: float,
+    rms: bool,
+    keep: Optional[Tensor] = None,
+    dropout_p: float = 0.0,
+) -> tuple[Tensor, Tensor, Optional[Tensor], Optional[Tensor]]:
+    """Gradients of :func:`norm` from its input z (..., N): (grad_x, grad_z, grad_weight, grad_bias) in the
+    compute dtype; grad_x = grad_z * keep / (1 - p), the weight and bias gradients summed over rows."""
+    work = compute_dtype(z.dtype)
+    zw = z.to(work)
+    centred = zw if rms else zw - zw.mean(dim=-1, keepdim=True)
+    rstd = torch.rsqrt(centred.pow(2).mean(dim=-1, keepdim=True) + eps)
+    zhat = centred * rstd
+    go = grad_out.to(work)
+    g = go * weight.to(work) if weight is not None else go
+    dz = g - zhat * (g * zhat).mean(dim=-1, keepdim=True)
+    if not rms:
+        dz = dz - g.mean(dim=-1, keepdim=True)
+    dz = dz * rstd
+    if grad_residual is not None:
+        dz = dz + grad_residual.to(work)
+    grad_x = dz if keep is None else dz * keep / (1.0 - dropout_p)
+    rows = tuple(range(z.dim() - 1))
+    grad_weight = (go * zhat).sum(dim=rows) if weight is not None else None
+    return grad_x, dz, grad_weight, go.sum(dim=rows)

@@ -1,5 +1,6 @@
 """Drop-in modules: same constructor, state_dict and results as their torch.nn twins."""
 
+from fastattn.nn.norm import LayerNorm, RMSNorm
 from fastattn.nn.softmax import Softmax
 
-__all__ = ["Softmax"]
+__all__ = ["LayerNorm", "RMSNorm", "Softmax"]

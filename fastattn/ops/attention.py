@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from fastattn import backends, reference
+from fastattn.ops._random import dropout_seed
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 MAX_HEAD_DIM = 256
@@ -302,14 +303,6 @@ attention_op.register_autograd(_backward, setup_context=_setup_context)
 # ---------------------------------------------------------------------------------------------------------
 
 
-def _seed(dropout_p: float) -> int:
-    """A 62-bit dropout seed from torch's CPU generator: torch.manual_seed reproduces it, and drawing it costs a
-    GPU caller no device synchronisation."""
-    if dropout_p == 0.0:
-        return 0
-    return int(torch.randint(0, 2**62, (1,)).item())
-
-
 def attention(
     q: Tensor,
     k: Tensor,
@@ -372,7 +365,7 @@ def attention(
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     out, lse = attention_op(
         q, k, v, attn_mask, key_padding_mask, alibi_slopes, scale, seq_k - q.shape[2], window_left, window_right,
-        float(dropout_p), _seed(dropout_p),
+        float(dropout_p), dropout_seed(dropout_p),
     )  # fmt: skip
     return (out, lse) if return_lse else out
 
@@ -423,7 +416,7 @@ def scaled_dot_product_attention(
     _check_dropout(dropout_p, name)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     out, _ = attention_op(
-        q, k, v, mask, None, None, scale, 0, -1, 0 if is_causal else -1, float(dropout_p), _seed(dropout_p)
+        q, k, v, mask, None, None, scale, 0, -1, 0 if is_causal else -1, float(dropout_p), dropout_seed(dropout_p)
     )
     return out.squeeze(1) if query.dim() == 3 else out.reshape(*query.shape[:-1], v.shape[-1])
 

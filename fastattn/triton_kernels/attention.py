@@ -40,6 +40,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from fastattn.triton_kernels.philox import philox
+
 LOG2E = math.log2(math.e)  # exp(x) = exp2(x * LOG2E); inside kernels as the literal 1.4426950408889634
 
 
@@ -177,22 +179,6 @@ def _flags(x, ACC: tl.constexpr, INTERPRET: tl.constexpr):
 
 
 @triton.jit
-def _philox(c0, c1, c2, c3, key0, key1):
-    """Philox4x32-10 of uint32 counter tiles under the uint32 key (key0, key1): its four uint32 word tiles.
-    The generator of csrc/philox.h."""
-    for round_ in tl.static_range(10):
-        if round_ > 0:
-            key0 = key0 + 0x9E3779B9
-            key1 = key1 + 0xBB67AE85
-        hi0 = tl.umulhi(c0, 0xD2511F53)
-        lo0 = c0 * 0xD2511F53
-        hi1 = tl.umulhi(c2, 0xCD9E8D57)
-        lo1 = c2 * 0xCD9E8D57
-        c0, c1, c2, c3 = hi1 ^ c1 ^ key0, lo1, hi0 ^ c3 ^ key1, lo0
-    return c0, c1, c2, c3
-
-
-@triton.jit
 def _dropout_keep(
     offs_m,  # (BLOCK_M,) query indices
     start_n,  # the tile's first key, a multiple of 4
@@ -208,7 +194,7 @@ def _dropout_keep(
     c1 = tl.broadcast_to(offs_m.to(tl.uint32)[:, None], [offs_m.shape[0], BLOCK_N // 4])
     c2 = tl.zeros_like(c0) + bh.to(tl.uint32)
     c3 = tl.zeros_like(c0)
-    r0, r1, r2, r3 = _philox(c0, c1, c2, c3, seed0.to(tl.uint32), seed1.to(tl.uint32))
+    r0, r1, r2, r3 = philox(c0, c1, c2, c3, seed0.to(tl.uint32), seed1.to(tl.uint32))
     # join appends a dim of 2: [m, g, a, b] = (r0, r2 | r1, r3)[b][a] -> flat key 4g + 2a + b
     words = tl.reshape(tl.join(tl.join(r0, r2), tl.join(r1, r3)), [offs_m.shape[0], BLOCK_N])
     return words >= threshold.to(tl.uint32)
