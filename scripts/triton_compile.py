@@ -5,7 +5,7 @@ kernel can pass every test here and still fail to compile on a GPU. This script 
 (``triton.compile``: Triton IR -> TritonGPU IR -> LLVM -> PTX -> ptxas cubin) for each target.
 
 The specialisations come from the launchers themselves: each case calls ``attention_forward``,
-``attention_backward``, ``attention_kvcache``, ``softmax_forward`` or ``softmax_backward`` on meta tensors,
+``attention_backward``, ``attention_kvcache``, ``softmax_*`` or ``norm_*`` on meta tensors,
 with the kernels swapped for recorders and ``torch.cuda.get_device_properties`` answering for the target, so
 block sizes, warps and stages are what ``_config`` / ``_bwd_config`` / ``_blocks`` pick there. Each recorded
 launch is typed the way Triton's launcher types it (pointers 16-byte aligned, an int equal to 1 a constant,
@@ -37,7 +37,7 @@ import torch  # noqa: E402
 import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 
-from fastattn.triton_kernels import attention, kvcache, softmax  # noqa: E402
+from fastattn.triton_kernels import attention, kvcache, norm, softmax  # noqa: E402
 
 # What launchers read from torch.cuda.get_device_properties, per compute capability: H100, A100.
 DEVICES = {
@@ -48,6 +48,7 @@ KERNELS = {
     attention: ("_attention_fwd_kernel", "_attention_bwd_dkdv_kernel", "_attention_bwd_dq_kernel"),
     kvcache: ("_kvcache_split_kernel", "_kvcache_combine_kernel"),
     softmax: ("_softmax_fwd_kernel", "_softmax_bwd_kernel"),
+    norm: ("_norm_fwd_kernel", "_norm_bwd_kernel"),
 }
 POINTER_TYPES = {
     torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64",
@@ -134,6 +135,26 @@ def softmax_case(dtype, n, mask=None, causal=False, log=False, quick=False) -> C
     return Case(label, run, quick)
 
 
+def norm_case(dtype, n, rms=False, residual=None, affine=True, dropout=(0.0, 0), z_dtype=None, quick=False) -> Case:
+    """LayerNorm / RMSNorm forward and backward; ``residual`` None or its dtype, ``z_dtype`` the stored z's."""
+    label = f"{DTYPE_NAMES[dtype]} n{n} {'rms' if rms else 'layer'}" + " affine" * affine
+    label += f" residual-{DTYPE_NAMES[residual]}" if residual else ""
+    label += f" dropout{dropout}" if dropout[0] else ""
+
+    def run():
+        rows = 4096
+        x = meta(rows, n, dtype=dtype)
+        res = None if residual is None else meta(rows, n, dtype=residual)
+        weight = meta(n, dtype=dtype) if affine else None
+        bias = meta(n, dtype=dtype) if affine and not rms else None
+        store = z_dtype or (residual if (residual or dropout[0]) else None) or (dtype if dropout[0] else None)
+        out, z, mean, rstd = norm.norm_forward(x, res, weight, bias, 1e-5, rms, *dropout, store)
+        norm.norm_backward(out, z if store else None, z if store else x, weight, mean, rstd, rms, bias is not None,
+                           *dropout, dtype, residual)
+
+    return Case(label, run, quick)
+
+
 def cases() -> list[Case]:
     f16, b16, f32, f64 = torch.float16, torch.bfloat16, torch.float32, torch.float64
     dropout = (0.1, 1234)
@@ -161,6 +182,12 @@ def cases() -> list[Case]:
         softmax_case(b16, 32768, mask="float", log=True),
         softmax_case(f32, 64),
         softmax_case(f64, 20000, causal=True, log=True),
+        norm_case(b16, 4096, residual=f32, dropout=dropout, z_dtype=f32, quick=True),
+        norm_case(f16, 8192, rms=True, residual=f16),
+        norm_case(b16, 65537, residual=b16, dropout=dropout, quick=True),
+        norm_case(f32, 100, affine=False),
+        norm_case(f32, 1000, rms=True, dropout=(0.5, 2**64 - 1)),
+        norm_case(f64, 20000, residual=f64),
     ]
     return found
 
@@ -273,7 +300,7 @@ def describe(launch: Launch) -> str:
     if "BLOCK_S" in a:
         tile = f"{a['BLOCK_S']}x{a['BLOCK_DV']}"
     else:
-        tile = f"{a['BLOCK_M']}x{a['BLOCK_N']}"
+        tile = f"{a.get('BLOCK_M', 1)}x{a['BLOCK_N']}"
     name = launch.kernel.__name__.removeprefix("_").removesuffix("_kernel")
     return f"{name:<22} {launch.label:<64} {tile:>8} w{o.get('num_warps', 4)} s{o.get('num_stages', 3)}"
 

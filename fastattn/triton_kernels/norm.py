@@ -5,8 +5,8 @@ Forward, per row: z = dropout(x) + residual (stored when asked), then the statis
 A row that fits one block (N <= MAX_FUSED_N) is read once, several short rows to a program; a longer row
 takes a statistics pass (chunk means and squared deviations merged as in Chan et al.) and a write pass.
 
-Backward: a persistent grid of programs, each walking rows pid, pid + G, ...; dz and grad_x per row as
-the forward's layout, and grad_weight / grad_bias as per-program partial sums in a (G, N) float32 (float64)
+Backward: a persistent grid of G programs, each walking row blocks pid, pid + G, ... in the forward's
+layout (several short rows at once, a long row in two passes) for dz and grad_x, and grad_weight / grad_bias as per-program partial sums in a (G, N) float32 (float64)
 workspace that one torch sum reduces: no atomics.
 """
 
@@ -189,18 +189,19 @@ def _norm_bwd_kernel(
     seed0, seed1, threshold, drop_scale,
     HAS_GRES: tl.constexpr, HAS_DRES: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
     RMS: tl.constexpr, DROPOUT: tl.constexpr, SINGLE_PASS: tl.constexpr,
-    BLOCK_N: tl.constexpr, ACC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ACC: tl.constexpr,
 ):
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK_N)
-    dw = tl.zeros([1, BLOCK_N], dtype=ACC)
-    db = tl.zeros([1, BLOCK_N], dtype=ACC)
-    for row in range(pid, n_rows, tl.num_programs(0)):
-        rows = tl.full([1], row, tl.int64)
+    dw = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC)
+    db = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC)
+    for block in range(pid, tl.cdiv(n_rows, BLOCK_M), tl.num_programs(0)):
+        rows = tl.full([BLOCK_M], block, tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
         row_ok = rows < n_rows
+        rows = tl.where(row_ok, rows, 0)
         rstd = tl.load(RSTD + rows)
         if RMS:
-            mean = tl.zeros([1], dtype=ACC)
+            mean = tl.zeros([BLOCK_M], dtype=ACC)
         else:
             mean = tl.load(MEAN + rows)
         if SINGLE_PASS:
@@ -212,9 +213,9 @@ def _norm_bwd_kernel(
                 dw += go * zhat
             if HAS_B:
                 db += go
-        else:
-            sum_g = tl.zeros([1], dtype=ACC)
-            sum_gz = tl.zeros([1], dtype=ACC)
+        else:  # BLOCK_M == 1
+            sum_g = tl.zeros([BLOCK_M], dtype=ACC)
+            sum_gz = tl.zeros([BLOCK_M], dtype=ACC)
             for start in range(0, N, BLOCK_N):
                 zhat, g, go, inside = _dz_terms(Z, GO, W, rows, row_ok, start + cols, N, s_z, s_go, mean, rstd,
                                                 HAS_W, ACC)
@@ -233,11 +234,11 @@ def _norm_bwd_kernel(
                 if HAS_B:
                     tl.store(DB_PART + part, tl.load(DB_PART + part, mask=inside) + go, mask=inside)
     if SINGLE_PASS:
-        inside = cols[None, :] < N
+        inside = cols < N
         if HAS_W:
-            tl.store(DW_PART + pid * N + cols[None, :], dw, mask=inside)
+            tl.store(DW_PART + pid * N + cols, tl.sum(dw, axis=0), mask=inside)
         if HAS_B:
-            tl.store(DB_PART + pid * N + cols[None, :], db, mask=inside)
+            tl.store(DB_PART + pid * N + cols, tl.sum(db, axis=0), mask=inside)
 
 
 def _dropout_args(dropout_p: float, seed: int) -> tuple[int, int, int, float]:
@@ -285,13 +286,13 @@ def norm_forward(
     return out, z, mean, rstd
 
 
-def _programs(n_rows: int, device: torch.device) -> int:
+def _programs(row_blocks: int, device: torch.device) -> int:
     """The persistent backward grid: a few programs per SM on a GPU, a handful under the interpreter."""
     if device.type == "cuda":
         per_device = 4 * torch.cuda.get_device_properties(device).multi_processor_count
     else:
         per_device = 8 if backends.triton_interpreting() else 64
-    return max(1, min(n_rows, per_device))
+    return max(1, min(row_blocks, per_device))
 
 
 def norm_backward(
@@ -316,8 +317,8 @@ def norm_backward(
     affine = weight.dtype if weight is not None else x_dtype
     dx = torch.empty((n_rows, n), dtype=x_dtype, device=device)
     dres = torch.empty((n_rows, n) if residual_dtype else (0,), dtype=residual_dtype or x_dtype, device=device)
-    _, block_n, single = _blocks(n)
-    programs = _programs(n_rows, device)
+    block_m, block_n, single = _blocks(n)
+    programs = _programs(triton.cdiv(n_rows, block_m), device)
     # The looped kernel adds into its workspace row, so it starts from zeros; the single pass overwrites it.
     make = torch.empty if single else torch.zeros
     dw_part = make((programs, n) if weight is not None else (0,), dtype=acc, device=device)
@@ -332,7 +333,7 @@ def norm_backward(
             *_dropout_args(dropout_p, seed),
             HAS_GRES=grad_residual is not None, HAS_DRES=residual_dtype is not None,
             HAS_W=weight is not None, HAS_B=has_bias, RMS=rms, DROPOUT=dropout_p > 0.0, SINGLE_PASS=single,
-            BLOCK_N=block_n, ACC=_acc(x_dtype), num_warps=_num_warps(block_n),
+            BLOCK_M=block_m, BLOCK_N=block_n, ACC=_acc(x_dtype), num_warps=_num_warps(block_m * block_n),
         )  # fmt: skip
     else:
         dw_part.zero_(), db_part.zero_()
