@@ -570,6 +570,30 @@ inline V __shfl_xor_sync(unsigned mask, V value, int lane_mask, int width = 32) 
   return emu::shfl(mask, value, emu::lane() ^ lane_mask, width);
 }
 
+// Bit casts, and the cache-hinted loads and stores (the hints mean nothing here), as csrc/cuda/norm_kernel.cu uses
+// them; cuda_runtime.h declares these for nvcc only.
+inline float __uint_as_float(unsigned int bits) {
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+}
+
+inline unsigned int __float_as_uint(float f) {
+  unsigned int bits;
+  std::memcpy(&bits, &f, 4);
+  return bits;
+}
+
+template <typename V>
+inline V __ldcs(const V* p) {
+  return *p;
+}
+
+template <typename V>
+inline void __stcs(V* p, V value) {
+  *p = value;
+}
+
 // The CUDA runtime, for one emulated device.
 extern "C" {
 cudaError_t cudaGetDevice(int* device) {

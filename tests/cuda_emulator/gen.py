@@ -45,6 +45,7 @@ KERNELS = {
     "ptx.h": tuple(EMULATED),
     "attention_kernel.cu": (),
     "kvcache_kernel.cu": (),
+    "norm_kernel.cu": (),
 }
 PTX = KERNEL.parent / "ptx.h"
 INCLUDE_PTX = re.compile(r'^#include "ptx\.h"[ \t]*$', re.MULTILINE)

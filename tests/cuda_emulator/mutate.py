@@ -1,14 +1,15 @@
-"""Mutation check of tests/test_cuda_emulated.py and tests/test_cuda_emulated_kvcache.py, for developers (CI does
-not run it: 15 to 30 s a mutant).
+"""Mutation check of tests/test_cuda_emulated.py, tests/test_cuda_emulated_kvcache.py and
+tests/test_cuda_emulated_norm.py, for developers (CI does not run it: 15 to 40 s a mutant).
 
     .venv/bin/python tests/cuda_emulator/mutate.py [SUBSTRING ...]    (only the mutants whose name contains one;
-                                                                       "kvcache" selects the decoding kernel's)
+                                                                       "kvcache" selects the decoding kernel's,
+                                                                       "norm:" the norm kernels')
 
-Injects one bug at a time into a copy of csrc/cuda/attention_kernel.cu (MUTANTS) or kvcache_kernel.cu
-(KVCACHE_MUTANTS), runs that kernel's emulated tests on the copy (FASTATTN_EMULATED_KERNEL,
-FASTATTN_EMULATED_KVCACHE_KERNEL) until the first failure, and prints which test caught it and how. Every mutant must
-be caught; one that survives shows a gap in the test cases or the emulator. Exits 1 if any survives, 2 if a
-mutant's text is no longer in the .cu (update MUTANTS).
+Injects one bug at a time into a copy of csrc/cuda/attention_kernel.cu (MUTANTS), kvcache_kernel.cu
+(KVCACHE_MUTANTS) or norm_kernel.cu (NORM_MUTANTS), runs that kernel's emulated tests on the copy
+(FASTATTN_EMULATED_KERNEL, FASTATTN_EMULATED_KVCACHE_KERNEL, FASTATTN_EMULATED_NORM_KERNEL) until the first
+failure, and prints which test caught it and how. Every mutant must be caught; one that survives shows a gap in the
+test cases or the emulator. Exits 1 if any survives, 2 if a mutant's text is no longer in the .cu (update MUTANTS).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 KERNEL = ROOT / "csrc" / "cuda" / "attention_kernel.cu"
 KVCACHE_KERNEL = ROOT / "csrc" / "cuda" / "kvcache_kernel.cu"
+NORM_KERNEL = ROOT / "csrc" / "cuda" / "norm_kernel.cu"
 
 # (name, text in the .cu, replacement of its first occurrence): realistic bugs, one at a time.
 MUTANTS = [
@@ -128,9 +130,34 @@ KVCACHE_MUTANTS = [
      "head = h_kv * group + row % p.n, query = row / p.n;"),
 ]  # fmt: skip
 
+# The same for csrc/cuda/norm_kernel.cu. Not listed because the emulator cannot catch them (its schedules run the
+# warps of a block in step from one warp collective to the next, so no warp gets a step ahead of another): one
+# reduction buffer for every step of the backward rows kernel instead of two by parity, and no barrier before its
+# block adds the row groups' sums (needed for warp-per-row groups, whose steps have no block barrier).
+NORM_MUTANTS = [
+    ("norm: x row stride ignored", "x = row_of<T>(p.x, row, p.xs);", "x = row_of<T>(p.x, row, p.n);"),
+    ("norm: variance counts the columns past the row", "if (k < valid) squares += d * d;", "squares += d * d;"),
+    ("norm: row sum reads another warp's partial", "    v = buf[lane % kWarps];", "    v = buf[0];"),
+    ("norm: looped merge without the means' difference", "delta * delta * (a.count * b.count / count)", "0.0f"),
+    ("norm: dropout group off by one", "static_cast<uint32_t>((col0 + q) / 4));",
+     "static_cast<uint32_t>((col0 + q) / 4 + 1));"),
+    ("norm: backward forgets mean(g)", "const float a = p.rms ? 0.0f : s1 / static_cast<float>(n)",
+     "const float a = 0.0f"),
+    ("norm: grad_residual not added", "      for (int k = 0; k < N; ++k) dz[k] += grc.get(k);", "      ;"),
+    ("norm: shared sums read transposed", "((chunk / G * (VEC / 4) + k / 4) * G + chunk % G)",
+     "((chunk % G * (VEC / 4) + k / 4) * G + chunk / G)"),
+    ("norm: only the first group's sums written", "    for (int j = 0; j < ROWS; ++j) {\n      const Sums",
+     "    for (int j = 0; j < 1; ++j) {\n      const Sums"),
+    ("norm: tiles kernel's partial row of the wrong slice",
+     "float* const partial_w = p.partial + static_cast<int64_t>(blockIdx.y) * n;",
+     "float* const partial_w = p.partial + static_cast<int64_t>(blockIdx.x) * n;"),
+    ("norm: affine kernel skips partial rows", "i += kSlices) s += src", "i += 2 * kSlices) s += src"),
+]  # fmt: skip
+
 TARGETS = [  # (mutants, kernel, its environment variable, its test)
     (MUTANTS, KERNEL, "FASTATTN_EMULATED_KERNEL", "tests/test_cuda_emulated.py"),
     (KVCACHE_MUTANTS, KVCACHE_KERNEL, "FASTATTN_EMULATED_KVCACHE_KERNEL", "tests/test_cuda_emulated_kvcache.py"),
+    (NORM_MUTANTS, NORM_KERNEL, "FASTATTN_EMULATED_NORM_KERNEL", "tests/test_cuda_emulated_norm.py"),
 ]
 
 
