@@ -2,6 +2,10 @@
 error-ratio rule): forward, gradients, the fused dropout + residual, strides, dropout statistics and replay,
 opcheck, torch.compile and bad input."""
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -250,3 +254,29 @@ def test_bad_input():
         fastattn.layer_norm(x, (8,), eps=-1.0)
     with pytest.raises(ValueError, match="no bias"):
         fastattn.dropout_add_norm(x, None, 8, torch.ones(8), torch.ones(8), rms=True)
+
+
+CPU_DROPOUT_CHECK = """
+import torch, fastattn
+from fastattn import reference
+from fastattn.ops.norm import norm_op
+for n in (1, 7, 100, 4097):
+    for dtype in (torch.float32, torch.bfloat16, torch.float64):
+        x = torch.ones(3, n, dtype=dtype, requires_grad=True)
+        with fastattn.backend("cpu"):
+            _, z, _, _ = norm_op(x, None, None, None, 1e-5, False, 0.3, 987654321987, dtype)
+            (grad,) = torch.autograd.grad(z, x, torch.ones_like(z))
+        keep = reference.elementwise_dropout_mask(987654321987, 0.3, 3, n, x.device)
+        assert torch.equal(z != 0, keep) and torch.equal(grad != 0, keep), (n, dtype)
+print("ok")
+"""
+
+
+@pytest.mark.parametrize("path", ["avx2", "scalar"])
+def test_cpu_dropout_paths(path):
+    """The C++ CPU kernel's narrower Philox paths (picked from the CPU's features; FASTATTN_CPU_DROPOUT caps
+    the choice, read once per process) draw the reference mask too."""
+    env = dict(os.environ, FASTATTN_CPU_DROPOUT=path)
+    result = subprocess.run([sys.executable, "-c", CPU_DROPOUT_CHECK], env=env, capture_output=True, text=True,
+                            timeout=300)  # fmt: skip
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stdout + result.stderr
