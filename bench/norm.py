@@ -37,6 +37,7 @@ class NormOp:
     fastattn_fn: Callable
     passes: dict[str, int]
     residual: bool = False
+    bias: bool = True
 
 
 def _torch_dropout_add_layer_norm(x, residual, weight, bias):
@@ -59,6 +60,7 @@ OPS = {
         lambda x, r, w, b: F.rms_norm(x, x.shape[-1:], w),
         lambda x, r, w, b: fastattn.rms_norm(x, x.shape[-1:], w),
         {"forward": 2, "forward+backward": 5},
+        bias=False,
     ),
     # forward: read x, residual, write out, z; backward: read grad, z, write dx, dresidual.
     "dropout_add_layer_norm": NormOp(
@@ -123,7 +125,7 @@ def providers(op: NormOp, mode: str, shape, dtype, device) -> Iterator[Provider]
     x = torch.randn(shape, dtype=dtype, device=device, requires_grad=grad)
     residual = torch.randn(shape, dtype=dtype, device=device, requires_grad=grad) if op.residual else None
     weight = torch.randn(n, dtype=dtype, device=device, requires_grad=grad)
-    bias = torch.randn(n, dtype=dtype, device=device, requires_grad=grad)
+    bias = torch.randn(n, dtype=dtype, device=device, requires_grad=grad) if op.bias else None
     inputs = (x, residual, weight, bias)
     yield Provider("torch", call(op, mode, op.torch_fn, inputs))
     yield Provider("torch.compile", call(op, mode, harness.compiled(op.torch_fn), inputs))
