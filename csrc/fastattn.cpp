@@ -56,4 +56,19 @@ TORCH_LIBRARY(fastattn_C, m) {
   // position outside the tables gives NaN. inverse rotates by minus the angles (the backward).
   m.def("rotary(Tensor q, Tensor? k, Tensor(a!) q_out, Tensor(b!)? k_out, Tensor? positions, Tensor? offsets, "
         "Tensor? cos, Tensor? sin, int offset, int rotary_dim, bool interleaved, float base, bool inverse) -> ()");
+  // Positional encodings (see csrc/positional.h). positional_add: out = dropout(x * scale + PE[pos]) with x
+  // (batch, seq, D) when batch_first else (seq, batch, D), unit stride over D; pos = offset + offsets[b] + s with
+  // offsets None or (batch,) int64. PE: table[pos] for a (P, D) table in x.dtype (unit stride over D), else the
+  // sinusoid of `base` when sinusoid, else 0. Elementwise dropout (csrc/philox.h) over the rows of the output,
+  // which is contiguous in x's layout.
+  m.def("positional_add(Tensor x, Tensor? table, Tensor? offsets, int offset, float scale, float base, bool sinusoid, "
+        "bool batch_first, float dropout_p, int seed) -> Tensor");
+  // out (batch, seq, D) = dropout(token_weight[tokens] * token_scale + position_weight[pos]): tokens and positions
+  // contiguous (batch, seq) int64, pos = positions, else offset + offsets[b] + s; the weights (rows, D) in one dtype,
+  // unit stride over D. Dropout row b * seq + s.
+  m.def("embedding_forward(Tensor tokens, Tensor token_weight, Tensor position_weight, Tensor? positions, "
+        "Tensor? offsets, int offset, float token_scale, float dropout_p, int seed) -> Tensor");
+  // The backward of a gather: out (num_rows, D) in grad's dtype, out[v] = scale * sum of grad[n] over index[n] = v,
+  // row skip_row (>= 0) zero. grad (n, D) unit stride over D; index (n,) int64 contiguous.
+  m.def("embedding_scatter(Tensor grad, Tensor index, int num_rows, float scale, int skip_row) -> Tensor");
 }

@@ -7,9 +7,16 @@ unavailable (``python -m fastattn.info``).
 from fastattn import backends, reference
 from fastattn.backends import BackendError, backend, record
 from fastattn.nn import LayerNorm, RMSNorm, Softmax
+from fastattn.nn.positional import LearnedPositionalEmbedding, SinusoidalPositionalEncoding, TokenAndPositionEmbedding
 from fastattn.ops.attention import attention, scaled_dot_product_attention
 from fastattn.ops.kvcache import attention_with_kvcache
 from fastattn.ops.norm import dropout_add_norm, layer_norm, rms_norm
+from fastattn.ops.positional import (
+    alibi_slopes,
+    embedding_with_positions,
+    learned_positional_encoding,
+    sinusoidal_positional_encoding,
+)
 from fastattn.ops.softmax import log_softmax, softmax
 
 __version__ = "0.1.0"
@@ -17,18 +24,25 @@ __version__ = "0.1.0"
 __all__ = [
     "BackendError",
     "LayerNorm",
+    "LearnedPositionalEmbedding",
     "RMSNorm",
+    "SinusoidalPositionalEncoding",
     "Softmax",
+    "TokenAndPositionEmbedding",
+    "alibi_slopes",
     "attention",
     "attention_with_kvcache",
     "backend",
     "backends",
     "dropout_add_norm",
+    "embedding_with_positions",
     "layer_norm",
+    "learned_positional_encoding",
     "log_softmax",
     "record",
     "reference",
     "rms_norm",
     "scaled_dot_product_attention",
+    "sinusoidal_positional_encoding",
     "softmax",
 ]

@@ -355,7 +355,7 @@ def norm(
     work = compute_dtype(x.dtype) if upcast else x.dtype
     z = x.to(work)
     if keep is not None:
-        z = z * keep / (1.0 - dropout_p)
+        z = z * keep * (1.0 / (1.0 - dropout_p))
     if residual is not None:
         z = z + residual.to(work)
     z_dtype = residual_out_dtype or (residual.dtype if residual is not None else x.dtype)
@@ -395,7 +395,99 @@ def norm_backward(
     dz = dz * rstd
     if grad_residual is not None:
         dz = dz + grad_residual.to(work)
-    grad_x = dz if keep is None else dz * keep / (1.0 - dropout_p)
+    grad_x = dz if keep is None else dz * keep * (1.0 / (1.0 - dropout_p))
     rows = tuple(range(z.dim() - 1))
     grad_weight = (go * zhat).sum(dim=rows) if weight is not None else None
     return grad_x, dz, grad_weight, go.sum(dim=rows)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Positional encodings: sinusoidal, learned tables, token + position embeddings.
+# ---------------------------------------------------------------------------------------------------------
+
+
+def sinusoidal_frequencies(dim: int, base: float = 10000.0, device: Optional[torch.device] = None) -> Tensor:
+    """(dim,) float64: radians per position of each column, ``base ** (-2i / dim)`` for columns 2i and 2i + 1
+    (Python's float power, i.e. the C library's pow, as the C++ kernels)."""
+    return torch.tensor([base ** (-2 * (c // 2) / dim) for c in range(dim)], dtype=torch.float64, device=device)
+
+
+def sinusoidal_table(positions: Tensor, dim: int, base: float = 10000.0) -> Tensor:
+    """The sinusoidal encoding (..., dim) float64 of int positions (...): ``sin(p * f_i)`` in column 2i and
+    ``cos(p * f_i)`` in column 2i + 1, f_i = ``base ** (-2i / dim)``; an odd dim ends with a sin column."""
+    angle = positions.to(torch.float64)[..., None] * sinusoidal_frequencies(dim, base, positions.device)
+    odd = torch.arange(dim, device=positions.device) % 2 == 1
+    return torch.where(odd, torch.cos(angle), torch.sin(angle))
+
+
+def sequence_positions(
+    batch: int, seq: int, offset: int = 0, offsets: Optional[Tensor] = None, batch_first: bool = True,
+    device: Optional[torch.device] = None,
+) -> Tensor:
+    """int64 positions ``offset + offsets[b] + s`` as (batch, seq), or (seq, batch) when not ``batch_first``;
+    ``offsets``: None or (batch,) ints."""
+    device = offsets.device if offsets is not None else device
+    pos = offset + torch.arange(seq, device=device, dtype=torch.int64)[None, :].expand(batch, seq)
+    if offsets is not None:
+        pos = pos + offsets.to(torch.int64)[:, None]
+    return pos if batch_first else pos.t()
+
+
+def positional_add(
+    x: Tensor, pe: Optional[Tensor] = None, scale: float = 1.0, keep: Optional[Tensor] = None,
+    dropout_p: float = 0.0, upcast: bool = True,
+) -> Tensor:
+    """``dropout(x * scale + pe)``: x (..., D); pe broadcastable to x (any float dtype) or None (then this is the
+    backward of every encoding, with the forward's scale and mask); keep: bool like x, True = kept (scaled by
+    1 / (1 - dropout_p)). Computed in :func:`compute_dtype` (x's dtype when not ``upcast``); returns x's dtype."""
+    work = compute_dtype(x.dtype) if upcast else x.dtype
+    z = x.to(work) * scale
+    if pe is not None:
+        z = z + pe.to(work)
+    if keep is not None:
+        z = z * keep.to(work) / (1.0 - dropout_p)
+    return z.to(x.dtype)
+
+
+def sinusoidal_encoding(
+    x: Tensor, positions: Tensor, scale: float = 1.0, base: float = 10000.0, keep: Optional[Tensor] = None,
+    dropout_p: float = 0.0,
+) -> Tensor:
+    """``dropout(x * scale + PE[positions])`` for x (..., D) and int positions of x's leading shape (...), PE of
+    :func:`sinusoidal_table` (float64, rounded once to the compute dtype)."""
+    return positional_add(x, sinusoidal_table(positions, x.shape[-1], base), scale, keep, dropout_p)
+
+
+def learned_encoding(
+    x: Tensor, table: Tensor, positions: Tensor, scale: float = 1.0, keep: Optional[Tensor] = None,
+    dropout_p: float = 0.0, upcast: bool = True,
+) -> Tensor:
+    """``dropout(x * scale + table[positions])`` for x (..., D), a (P, D) table and int positions (...);
+    differentiable in x and table."""
+    return positional_add(x, table[positions], scale, keep, dropout_p, upcast)
+
+
+def embedding_with_positions(
+    tokens: Tensor, token_weight: Tensor, position_weight: Tensor, positions: Tensor, token_scale: float = 1.0,
+    keep: Optional[Tensor] = None, dropout_p: float = 0.0, padding_idx: Optional[int] = None, upcast: bool = True,
+) -> Tensor:
+    """``dropout(token_weight[tokens] * token_scale + position_weight[positions])`` (..., D) for int tokens and
+    positions (...); gradients as a pair of :class:`torch.nn.Embedding` (the ``padding_idx`` row of token_weight
+    gets none). Computed in :func:`compute_dtype` (the weights' dtype when not ``upcast``)."""
+    work = compute_dtype(token_weight.dtype) if upcast else token_weight.dtype
+    tok = torch.nn.functional.embedding(tokens, token_weight, padding_idx).to(work) * token_scale
+    z = tok + torch.nn.functional.embedding(positions, position_weight).to(work)
+    if keep is not None:
+        z = z * keep.to(work) / (1.0 - dropout_p)
+    return z.to(token_weight.dtype)
+
+
+def embedding_scatter(grad: Tensor, index: Tensor, num_rows: int, scale: float = 1.0, skip_row: int = -1) -> Tensor:
+    """The backward of a gather: (num_rows, D) in grad's dtype, row v = scale * the sum of the rows of grad (n, D)
+    whose index (n,) is v (summed in :func:`compute_dtype`); row ``skip_row`` (>= 0) is zero."""
+    work = compute_dtype(grad.dtype)
+    out = torch.zeros(num_rows, grad.shape[-1], dtype=work, device=grad.device)
+    out = out.index_add_(0, index, grad.to(work)) * scale
+    if skip_row >= 0:
+        out[skip_row] = 0
+    return out.to(grad.dtype)

@@ -5,7 +5,7 @@ kernel can pass every test here and still fail to compile on a GPU. This script 
 (``triton.compile``: Triton IR -> TritonGPU IR -> LLVM -> PTX -> ptxas cubin) for each target.
 
 The specialisations come from the launchers themselves: each case calls ``attention_forward``,
-``attention_backward``, ``attention_kvcache``, ``softmax_*`` or ``norm_*`` on meta tensors,
+``attention_backward``, ``attention_kvcache``, ``softmax_*``, ``norm_*`` or the positional launchers on meta tensors,
 with the kernels swapped for recorders and ``torch.cuda.get_device_properties`` answering for the target, so
 block sizes, warps and stages are what ``_config`` / ``_bwd_config`` / ``_blocks`` pick there. Each recorded
 launch is typed the way Triton's launcher types it (pointers 16-byte aligned, an int equal to 1 a constant,
@@ -37,7 +37,7 @@ import torch  # noqa: E402
 import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 
-from fastattn.triton_kernels import attention, kvcache, norm, softmax  # noqa: E402
+from fastattn.triton_kernels import attention, kvcache, norm, positional, softmax  # noqa: E402
 
 # What launchers read from torch.cuda.get_device_properties, per compute capability: H100, A100.
 DEVICES = {
@@ -49,6 +49,7 @@ KERNELS = {
     kvcache: ("_kvcache_split_kernel", "_kvcache_combine_kernel"),
     softmax: ("_softmax_fwd_kernel", "_softmax_bwd_kernel"),
     norm: ("_norm_fwd_kernel", "_norm_bwd_kernel"),
+    positional: ("_positional_add_kernel", "_embedding_forward_kernel", "_embedding_scatter_kernel"),
 }
 POINTER_TYPES = {
     torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64",
@@ -155,6 +156,26 @@ def norm_case(dtype, n, rms=False, residual=None, affine=True, dropout=(0.0, 0),
     return Case(label, run, quick)
 
 
+def positional_case(dtype, quick=False) -> Case:
+    """Sinusoidal (both layouts, offsets, dropout) and table positional adds, the fused embedding gather and its
+    scatter-add backward."""
+
+    def run():
+        x = meta(4, 100, 1024, dtype=dtype)
+        offsets = meta(4, dtype=torch.int64)
+        table = meta(4096, 1024, dtype=dtype)
+        tokens = meta(4, 100, dtype=torch.int64)
+        positional.positional_add(x, None, offsets, 3, 0.5, 10000.0, True, True, 0.1, 2**40 + 5)
+        positional.positional_add(x, None, None, 0, 1.0, 10000.0, True, False, 0.0, 0)
+        positional.positional_add(x, table, offsets, 3, 0.5, 10000.0, False, True, 0.1, 7)
+        positional.positional_add(meta(3, 7, 100, dtype=dtype), None, None, 0, 1.0, 10000.0, False, True, 0.1, 7)
+        positional.embedding_forward(tokens, table, table, tokens, None, 0, 2.0, 0.1, 9)
+        positional.embedding_forward(tokens, table, table, None, offsets, 0, 2.0, 0.0, 9)
+        positional.embedding_scatter(meta(400, 1024, dtype=dtype), meta(400, dtype=torch.int64), 4096, 2.0, 3)
+
+    return Case(f"{DTYPE_NAMES[dtype]} positional", run, quick)
+
+
 def cases() -> list[Case]:
     f16, b16, f32, f64 = torch.float16, torch.bfloat16, torch.float32, torch.float64
     dropout = (0.1, 1234)
@@ -188,6 +209,7 @@ def cases() -> list[Case]:
         norm_case(f32, 100, affine=False),
         norm_case(f32, 1000, rms=True, dropout=(0.5, 2**64 - 1)),
         norm_case(f64, 20000, residual=f64),
+        *(positional_case(dtype, quick=dtype == b16) for dtype in (f16, b16, f32, f64)),
     ]
     return found
 
@@ -300,7 +322,7 @@ def describe(launch: Launch) -> str:
     if "BLOCK_S" in a:
         tile = f"{a['BLOCK_S']}x{a['BLOCK_DV']}"
     else:
-        tile = f"{a.get('BLOCK_M', 1)}x{a['BLOCK_N']}"
+        tile = f"{a.get('BLOCK_M', 1)}x{a.get('BLOCK_N', a.get('BLOCK_D'))}"
     name = launch.kernel.__name__.removeprefix("_").removesuffix("_kernel")
     return f"{name:<22} {launch.label:<64} {tile:>8} w{o.get('num_warps', 4)} s{o.get('num_stages', 3)}"
 

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from fastattn import backends, reference
-from fastattn.ops._random import dropout_seed
+from fastattn.ops._random import dropout_seed_tensor, seed_value
 from fastattn.ops._rows import as_2d
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -142,16 +142,16 @@ def norm_op(
     eps: float,
     rms: bool,
     dropout_p: float,
-    seed: int,
+    seed: Optional[Tensor],
     residual_out_dtype: Optional[torch.dtype],
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """LayerNorm / RMSNorm of z = dropout(x) + residual over the last dim: (out, residual_out = z or empty,
-    mean or empty, rstd); see :func:`dropout_add_norm`."""
+    mean or empty, rstd); ``seed`` None or a (1,) int64 CPU tensor (ops._random); see :func:`dropout_add_norm`."""
     name = backends.select("norm", x.device, CHECKS, x)
     shapes = _output_shapes(x, rms, residual_out_dtype)
     x2 = as_2d(x)
     residual2 = None if residual is None else as_2d(residual)
-    args = (weight, bias, eps, rms, dropout_p, seed, residual_out_dtype)
+    args = (weight, bias, eps, rms, dropout_p, seed_value(seed), residual_out_dtype)
     if x.numel() == 0:
         outputs = _fake_outputs(x, rms, residual_out_dtype)
     elif name == "reference":
@@ -189,13 +189,14 @@ def norm_backward_op(
     rms: bool,
     has_bias: bool,
     dropout_p: float,
-    seed: int,
+    seed: Optional[Tensor],
     x_dtype: torch.dtype,
     residual_dtype: Optional[torch.dtype],
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Gradients of ``fastattn::norm`` from its normalised input z (..., N): (grad_x, grad_residual_in or empty,
     grad_weight or empty, grad_bias or empty)."""
     name = backends.select("norm_backward", z.device, CHECKS, z)
+    seed = seed_value(seed)
     shapes = (z.shape, z.shape if residual_dtype is not None else (0,))
     if z.numel() == 0:
         outputs = _fake_backward(z, weight, has_bias, x_dtype, residual_dtype)
@@ -250,19 +251,19 @@ def _setup_context(ctx, inputs, output):
     x, residual, weight, bias, eps, rms, dropout_p, seed, residual_out_dtype = inputs
     _, residual_out, mean, rstd = output
     ctx.mark_non_differentiable(mean, rstd)
-    ctx.eps, ctx.rms, ctx.dropout_p, ctx.seed = eps, rms, dropout_p, seed
+    ctx.eps, ctx.rms, ctx.dropout_p = eps, rms, dropout_p
     ctx.has_bias, ctx.x_dtype = bias is not None, x.dtype
     ctx.residual_dtype = None if residual is None else residual.dtype
     ctx.bias_dtype = None if bias is None else bias.dtype
     z = residual_out if residual_out_dtype is not None else x
-    ctx.save_for_backward(z, weight, mean, rstd)
+    ctx.save_for_backward(z, weight, mean, rstd, seed)
 
 
 def _backward(ctx, grad_out, grad_residual_out, _grad_mean, _grad_rstd):
-    z, weight, mean, rstd = ctx.saved_tensors
+    z, weight, mean, rstd, seed = ctx.saved_tensors
     grad_residual = grad_residual_out if grad_residual_out is not None and grad_residual_out.numel() else None
     grad_x, grad_res, grad_w, grad_b = norm_backward_op(
-        grad_out, grad_residual, z, weight, mean, rstd, ctx.eps, ctx.rms, ctx.has_bias, ctx.dropout_p, ctx.seed,
+        grad_out, grad_residual, z, weight, mean, rstd, ctx.eps, ctx.rms, ctx.has_bias, ctx.dropout_p, seed,
         ctx.x_dtype, ctx.residual_dtype,
     )  # fmt: skip
     return (
@@ -295,7 +296,7 @@ def _run(x, residual, normalized_shape, weight, bias, eps, dropout_p, rms, resid
     k = len(shape)
     outputs = norm_op(
         _flat(x, k), _flat(residual, k), _flat(weight, k), _flat(bias, k), float(eps), rms, float(dropout_p),
-        dropout_seed(dropout_p), residual_out_dtype,
+        dropout_seed_tensor(dropout_p), residual_out_dtype,
     )  # fmt: skip
     out, residual_out = outputs[0].view(x.shape), outputs[1]
     return out, (residual_out.view(x.shape) if residual_out_dtype is not None else None)

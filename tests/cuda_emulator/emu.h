@@ -1,5 +1,5 @@
-// A CPU emulator for the CUDA features csrc/cuda/attention_kernel.cu and kvcache_kernel.cu use, so that
-// tests/test_cuda_emulated.py and tests/test_cuda_emulated_kvcache.py can run those kernels on a machine without a GPU.
+// A CPU emulator for the CUDA features csrc/cuda/attention_kernel.cu, kvcache_kernel.cu, norm_kernel.cu and
+// positional_kernel.cu use, so that tests/test_cuda_emulated*.py can run those kernels on a machine without a GPU.
 //
 // gen.py rewrites the .cu into C++ that includes this header. It swaps only the bodies of the inline-PTX wrappers
 // (cp.async, ldmatrix, mma.sync, ex2.approx) for the emu:: functions below, each `kernel<<<...>>>(...)` for
@@ -570,8 +570,8 @@ inline V __shfl_xor_sync(unsigned mask, V value, int lane_mask, int width = 32) 
   return emu::shfl(mask, value, emu::lane() ^ lane_mask, width);
 }
 
-// Bit casts, and the cache-hinted loads and stores (the hints mean nothing here), as csrc/cuda/norm_kernel.cu uses
-// them; cuda_runtime.h declares these for nvcc only.
+// Bit casts, the cache-hinted loads and stores (the hints mean nothing here), read-only loads and float atomics, as
+// csrc/cuda/norm_kernel.cu and positional_kernel.cu use them; cuda_runtime.h declares these for nvcc only.
 inline float __uint_as_float(unsigned int bits) {
   float f;
   std::memcpy(&f, &bits, 4);
@@ -592,6 +592,46 @@ inline V __ldcs(const V* p) {
 template <typename V>
 inline void __stcs(V* p, V value) {
   *p = value;
+}
+
+inline float __int_as_float(int bits) {
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+}
+
+inline int __float_as_int(float f) {
+  int bits;
+  std::memcpy(&bits, &f, 4);
+  return bits;
+}
+
+namespace emu {
+// Read-only loads (__ldg) of each size in bytes since the last reset, so that a test can tell a kernel's vector
+// path (8- and 16-byte loads) from its element path; csrc/cuda/positional_kernel.cu's shim reports them.
+inline uint64_t ldg_loads[17] = {};
+}  // namespace emu
+
+// __ldg (ld.global.nc): checked for the alignment of its type, as a GPU faults on a misaligned vector load, and
+// counted in emu::ldg_loads.
+template <typename V>
+inline V __ldg(const V* p) {
+  static_assert(sizeof(V) <= 16, "__ldg loads at most 16 bytes");
+  if (reinterpret_cast<uintptr_t>(p) % alignof(V) != 0) {
+    emu::fail("__ldg: address %p is not %zu-byte aligned", static_cast<const void*>(p), alignof(V));
+  }
+  ++emu::ldg_loads[sizeof(V)];
+  return *p;
+}
+
+// atomicAdd on float32: a thread runs until it reaches a barrier, so a read-modify-write is atomic. Several adds
+// to one address land in the emulator's order (blocks in order, their threads by the schedule), one of the orders
+// a GPU may take.
+inline float atomicAdd(float* p, float value) {
+  if (reinterpret_cast<uintptr_t>(p) % 4 != 0) emu::fail("atomicAdd: address %p is not 4-byte aligned", p);
+  const float old = *p;
+  *p = old + value;
+  return old;
 }
 
 // The CUDA runtime, for one emulated device.

@@ -46,6 +46,7 @@ KERNELS = {
     "attention_kernel.cu": (),
     "kvcache_kernel.cu": (),
     "norm_kernel.cu": (),
+    "positional_kernel.cu": (),
 }
 PTX = KERNEL.parent / "ptx.h"
 INCLUDE_PTX = re.compile(r'^#include "ptx\.h"[ \t]*$', re.MULTILINE)

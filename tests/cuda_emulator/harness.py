@@ -1,4 +1,4 @@
-"""What the emulated-kernel tests share (tests/test_cuda_emulated.py, tests/test_cuda_emulated_kvcache.py):
+"""What the emulated-kernel tests share (tests/test_cuda_emulated*.py):
 building a kernel's emulator library, calling it in a forked child, and guarded copies of tensors.
 
 The tests load this file by path, with their load_harness() (pytest runs with --import-mode=importlib, so
@@ -131,20 +131,23 @@ LIBC = ctypes.CDLL(None, use_errno=True)
 LIBC.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
 
 
-def guarded(t: torch.Tensor, fill: float | None = None) -> torch.Tensor:
+def guarded(t: torch.Tensor, fill: float | None = None, guard_below: bool = False) -> torch.Tensor:
     """A copy of ``t`` (same shape and strides) in memory that forked children share, ending right before an
     inaccessible page: a kernel that reads or writes past the tensor's last element crashes. Its first element
     is 16-byte aligned, as in torch's allocations. ``fill``: the value of the elements the strides skip (row
-    padding), else zero."""
+    padding), else zero. ``guard_below``: the inaccessible page lies right before the first element instead
+    (page-aligned), so that an access before the tensor (a negative index) crashes."""
     span = 1 + sum((n - 1) * s for n, s in zip(t.shape, t.stride())) if t.numel() else 0  # elements
     if span == 0:
         return torch.empty_strided(t.shape, t.stride(), dtype=t.dtype)
     nbytes = -(-span * t.element_size() // 16) * 16
     size = -(-nbytes // mmap.PAGESIZE) * mmap.PAGESIZE
     memory = mmap.mmap(-1, size + mmap.PAGESIZE)  # shared with children
-    if LIBC.mprotect(ctypes.addressof(ctypes.c_char.from_buffer(memory)) + size, mmap.PAGESIZE, 0) != 0:
+    guard = 0 if guard_below else size
+    if LIBC.mprotect(ctypes.addressof(ctypes.c_char.from_buffer(memory)) + guard, mmap.PAGESIZE, 0) != 0:
         raise OSError(ctypes.get_errno(), "mprotect(PROT_NONE) failed")
-    storage = torch.frombuffer(memory, dtype=t.dtype, count=span, offset=size - nbytes)
+    start = mmap.PAGESIZE if guard_below else size - nbytes
+    storage = torch.frombuffer(memory, dtype=t.dtype, count=span, offset=start)
     if fill is not None:
         storage.fill_(fill)
     copy = storage.as_strided(t.shape, t.stride())

@@ -1,15 +1,18 @@
-"""Mutation check of tests/test_cuda_emulated.py, tests/test_cuda_emulated_kvcache.py and
-tests/test_cuda_emulated_norm.py, for developers (CI does not run it: 15 to 40 s a mutant).
+"""Mutation check of tests/test_cuda_emulated.py, tests/test_cuda_emulated_kvcache.py,
+tests/test_cuda_emulated_norm.py and tests/test_cuda_emulated_positional.py, for developers (CI does not run it: 15
+to 40 s a mutant).
 
     .venv/bin/python tests/cuda_emulator/mutate.py [SUBSTRING ...]    (only the mutants whose name contains one;
                                                                        "kvcache" selects the decoding kernel's,
-                                                                       "norm:" the norm kernels')
+                                                                       "norm:" the norm kernels', "positional:"
+                                                                       the positional-encoding kernels')
 
 Injects one bug at a time into a copy of csrc/cuda/attention_kernel.cu (MUTANTS), kvcache_kernel.cu
-(KVCACHE_MUTANTS) or norm_kernel.cu (NORM_MUTANTS), runs that kernel's emulated tests on the copy
-(FASTATTN_EMULATED_KERNEL, FASTATTN_EMULATED_KVCACHE_KERNEL, FASTATTN_EMULATED_NORM_KERNEL) until the first
-failure, and prints which test caught it and how. Every mutant must be caught; one that survives shows a gap in the
-test cases or the emulator. Exits 1 if any survives, 2 if a mutant's text is no longer in the .cu (update MUTANTS).
+(KVCACHE_MUTANTS), norm_kernel.cu (NORM_MUTANTS) or positional_kernel.cu (POSITIONAL_MUTANTS), runs that kernel's
+emulated tests on the copy (FASTATTN_EMULATED_KERNEL, FASTATTN_EMULATED_KVCACHE_KERNEL,
+FASTATTN_EMULATED_NORM_KERNEL, FASTATTN_EMULATED_POSITIONAL_KERNEL) until the first failure, and prints which
+test caught it and how. Every mutant must be caught; one that survives shows a gap in the test cases or the emulator.
+Exits 1 if any survives, 2 if a mutant's text is no longer in the .cu (update MUTANTS).
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ ROOT = Path(__file__).resolve().parents[2]
 KERNEL = ROOT / "csrc" / "cuda" / "attention_kernel.cu"
 KVCACHE_KERNEL = ROOT / "csrc" / "cuda" / "kvcache_kernel.cu"
 NORM_KERNEL = ROOT / "csrc" / "cuda" / "norm_kernel.cu"
+POSITIONAL_KERNEL = ROOT / "csrc" / "cuda" / "positional_kernel.cu"
 
 # (name, text in the .cu, replacement of its first occurrence): realistic bugs, one at a time.
 MUTANTS = [
@@ -154,10 +158,66 @@ NORM_MUTANTS = [
     ("norm: affine kernel skips partial rows", "i += kSlices) s += src", "i += 2 * kSlices) s += src"),
 ]  # fmt: skip
 
+# The same for csrc/cuda/positional_kernel.cu (tests/test_cuda_emulated_positional.py). Not listed because they cannot
+# fail: dropping the `k < count` guard of the scatter's atomic adds (the element path's loads zero-fill the columns past
+# the row, so the extra adds add 0 to the next row, or to the buffer's 16-byte tail).
+POSITIONAL_MUTANTS = [
+    # positional_add.
+    ("positional: add's cos column takes the sin",
+     "v[2 * p + 1] += pe::select_quadrant(sin_r, cos_r, quadrant + 1);",
+     "v[2 * p + 1] += pe::select_quadrant(sin_r, cos_r, quadrant);"),
+    ("positional: add's frequency of the wrong column pair", "pe::frequency(2 * group + p, a.dim, a.base)",
+     "pe::frequency(group + p, a.dim, a.base)"),
+    ("positional: add ignores the per-sequence offsets",
+     "const int64_t pos = a.offset + (a.offsets ? a.offsets[b] : 0) + s;", "const int64_t pos = a.offset + s;"),
+    ("positional: add's scale not applied", "v[k] *= scale;", "v[k] *= 1.0f;"),
+    ("positional: add's dropout rows in (b, s) order",
+     "static_cast<uint64_t>(b * a.row_stride_b + s * a.row_stride_s)", "static_cast<uint64_t>(r)"),
+    ("positional: dropout group off by one", "elementwise_dropout_bits(d, row, static_cast<uint32_t>(group));",
+     "elementwise_dropout_bits(d, row, static_cast<uint32_t>(group + 1));"),
+    ("positional: add writes out with x's strides", "out + b * a.out_stride_b + s * a.out_stride_s + col",
+     "out + b * a.x_stride_b + s * a.x_stride_s + col"),
+    ("positional: add reads the row past the table", "pos >= 0 && pos < a.table_rows",
+     "pos >= 0 && pos <= a.table_rows"),
+    ("positional: add reads negative table positions", "pos >= 0 && pos < a.table_rows", "pos < a.table_rows"),
+    ("positional: add walks rows with the wrong stride",
+     "r += gridDim.y) {\n    const int64_t b = r / a.seq, s = r - b * a.seq;\n    const int64_t pos = a.offset",
+     "r += gridDim.y + 1) {\n    const int64_t b = r / a.seq, s = r - b * a.seq;\n    const int64_t pos = a.offset"),
+    ("positional: element stores past the partial group", "      if (k < count) p[k] = from_float<T>(v[k]);",
+     "      p[k] = from_float<T>(v[k]);"),
+    ("positional: element loads past the partial group", "v[k] = k < count ? to_float(__ldg(p + k)) : 0.0f;",
+     "v[k] = to_float(__ldg(p + k));"),
+    ("positional: vector path ignores x's batch stride", "stride4(a.x_stride_b, a.batch) &&", "true &&"),
+    ("positional: vector path ignores x's seq stride", "stride4(a.x_stride_s, a.seq) && ", ""),
+    ("positional: vector path ignores the table",
+     "  if (a.pe == PeKind::kTable) vec = vec && aligned4<T>(a.table) && stride4(a.table_stride, a.table_rows);\n", ""),
+    ("positional: grid misses the last column block", "const int64_t blocks_x = (groups + kThreads - 1) / kThreads;",
+     "const int64_t blocks_x = groups / kThreads + (groups < kThreads);"),
+    # embedding_forward.
+    ("positional: embedding scales the sum", "v[k] = v[k] * token_scale + p[k];",
+     "v[k] = (v[k] + p[k]) * token_scale;"),
+    ("positional: embedding ignores the given positions", "a.positions ? a.positions[r] : ", ""),
+    ("positional: embedding reads the token past the vocabulary", "token >= 0 && token < a.vocab",
+     "token >= 0 && token <= a.vocab"),
+    ("positional: embedding reads negative positions", "pos >= 0 && pos < a.max_positions", "pos < a.max_positions"),
+    ("positional: embedding's dropout row is the step", "apply_dropout(a.dropout, static_cast<uint64_t>(r), group, v);",
+     "apply_dropout(a.dropout, static_cast<uint64_t>(s), group, v);"),
+    ("positional: embedding's vector path ignores the position table",
+     " &&\n                   stride4(a.position_stride, a.max_positions);", ";"),
+    # embedding_scatter.
+    ("positional: scatter adds the skip row", "row == a.skip_row || ", ""),
+    ("positional: scatter adds negative indices", "row < 0 || row >= a.num_rows", "row >= a.num_rows"),
+    ("positional: scatter adds index num_rows", "row >= a.num_rows) continue;", "row > a.num_rows) continue;"),
+    ("positional: scatter's scale not applied", "g[k] * scale);", "g[k]);"),
+    ("positional: scatter ignores grad's row stride", "grad + n * a.grad_stride + col", "grad + n * a.dim + col"),
+]  # fmt: skip
+
 TARGETS = [  # (mutants, kernel, its environment variable, its test)
     (MUTANTS, KERNEL, "FASTATTN_EMULATED_KERNEL", "tests/test_cuda_emulated.py"),
     (KVCACHE_MUTANTS, KVCACHE_KERNEL, "FASTATTN_EMULATED_KVCACHE_KERNEL", "tests/test_cuda_emulated_kvcache.py"),
     (NORM_MUTANTS, NORM_KERNEL, "FASTATTN_EMULATED_NORM_KERNEL", "tests/test_cuda_emulated_norm.py"),
+    (POSITIONAL_MUTANTS, POSITIONAL_KERNEL, "FASTATTN_EMULATED_POSITIONAL_KERNEL",
+     "tests/test_cuda_emulated_positional.py"),
 ]
 
 

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 import fastattn
 from fastattn import reference
-from fastattn.ops._random import dropout_seed
+from fastattn.ops._random import dropout_seed_tensor, seed_value
 from fastattn.ops.norm import norm_op
 from fastattn.testing import GRADIENT_RATIO, assert_close, assert_error_ratio
 
@@ -116,7 +116,7 @@ def test_dropout_add_norm(backend_device, dtype, rms, residual_kind, residual_in
     torch.manual_seed(11)
     keep = None
     if dropout_p:
-        keep = reference.elementwise_dropout_mask(dropout_seed(dropout_p), dropout_p, rows, n, device)
+        keep = reference.elementwise_dropout_mask(seed_value(dropout_seed_tensor(dropout_p)), dropout_p, rows, n, device)
     z_dtype = torch.float32 if residual_in_fp32 else (residual.dtype if residual is not None else dtype)
     assert z.dtype == z_dtype and out.dtype == dtype
 
@@ -218,9 +218,9 @@ def test_opcheck_and_compile(backend_device):
     residual = torch.randn(3, 40, device=device, requires_grad=True)
     weight, bias = torch.randn(40, device=device, requires_grad=True), torch.randn(40, device=device, requires_grad=True)
     for args in [
-        (x, None, weight, bias, 1e-5, False, 0.0, 0, None),
-        (x, residual, weight, None, 1e-5, True, 0.0, 0, torch.float32),
-        (x, residual, None, None, 1e-5, False, 0.1, 1234, torch.float32),
+        (x, None, weight, bias, 1e-5, False, 0.0, None, None),
+        (x, residual, weight, None, 1e-5, True, 0.0, None, torch.float32),
+        (x, residual, None, None, 1e-5, False, 0.1, torch.tensor([1234]), torch.float32),
     ]:
         torch.library.opcheck(norm_op, args)
 
@@ -230,6 +230,13 @@ def test_opcheck_and_compile(backend_device):
 
     compiled = torch.compile(block, fullgraph=True, backend="aot_eager")
     assert_close(compiled(x, residual, weight, bias), block(x, residual, weight, bias), atol=1e-6)
+
+    def dropout_block(x, residual):  # the seed draw traces: no graph break at .item()
+        return fastattn.dropout_add_norm(x, residual, 40, dropout_p=0.5)
+
+    out, z = torch.compile(dropout_block, fullgraph=True, backend="aot_eager")(x, residual)
+    dropped = z == residual
+    assert 0 < dropped.sum() < dropped.numel()
 
 
 def test_bad_input():
@@ -264,7 +271,7 @@ for n in (1, 7, 100, 4097):
     for dtype in (torch.float32, torch.bfloat16, torch.float64):
         x = torch.ones(3, n, dtype=dtype, requires_grad=True)
         with fastattn.backend("cpu"):
-            _, z, _, _ = norm_op(x, None, None, None, 1e-5, False, 0.3, 987654321987, dtype)
+            _, z, _, _ = norm_op(x, None, None, None, 1e-5, False, 0.3, torch.tensor([987654321987]), dtype)
             (grad,) = torch.autograd.grad(z, x, torch.ones_like(z))
         keep = reference.elementwise_dropout_mask(987654321987, 0.3, 3, n, x.device)
         assert torch.equal(z != 0, keep) and torch.equal(grad != 0, keep), (n, dtype)
