@@ -6,7 +6,7 @@ unavailable (``python -m fastattn.info``).
 
 from fastattn import backends, reference
 from fastattn.backends import BackendError, backend, record
-from fastattn.nn import LayerNorm, RMSNorm, Softmax
+from fastattn.nn import LayerNorm, RMSNorm, RotaryEmbedding, Softmax
 from fastattn.nn.positional import LearnedPositionalEmbedding, SinusoidalPositionalEncoding, TokenAndPositionEmbedding
 from fastattn.ops.attention import attention, scaled_dot_product_attention
 from fastattn.ops.kvcache import attention_with_kvcache
@@ -17,6 +17,7 @@ from fastattn.ops.positional import (
     learned_positional_encoding,
     sinusoidal_positional_encoding,
 )
+from fastattn.ops.rotary import apply_rotary
 from fastattn.ops.softmax import log_softmax, softmax
 
 __version__ = "0.1.0"
@@ -26,10 +27,12 @@ __all__ = [
     "LayerNorm",
     "LearnedPositionalEmbedding",
     "RMSNorm",
+    "RotaryEmbedding",
     "SinusoidalPositionalEncoding",
     "Softmax",
     "TokenAndPositionEmbedding",
     "alibi_slopes",
+    "apply_rotary",
     "attention",
     "attention_with_kvcache",
     "backend",

@@ -402,6 +402,117 @@ def norm_backward(
 
 
 # ---------------------------------------------------------------------------------------------------------
+# Rotary position embeddings (RoPE).
+# ---------------------------------------------------------------------------------------------------------
+
+
+def rotary_inv_freq(rotary_dim: int, base: float, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """(rotary_dim // 2,) frequencies ``base ** (-2i / rotary_dim)``, computed in float64 as
+    ``exp2(-(2i / rotary_dim) * log2(base))`` with the C library's exp2 and log2 (the kernels' formula; torch's
+    vectorised exp2 can differ from it by an ulp) and rounded to ``dtype``."""
+    import math  # noqa: PLC0415 (kept local to this section of the shared module)
+
+    log2_base = math.log2(base)
+    values = [math.exp2(-(i / rotary_dim) * log2_base) for i in range(0, rotary_dim, 2)]
+    return torch.tensor(values, dtype=torch.float64, device=device).to(dtype)
+
+
+def rotary_cos_sin_table(
+    max_positions: int, rotary_dim: int, base: float = 10000.0, dtype: torch.dtype = torch.float32, device=None
+) -> tuple[Tensor, Tensor]:
+    """Cached tables ``cos``, ``sin`` of shape (max_positions, rotary_dim // 2) in ``dtype``: row p holds the
+    angles ``p * inv_freq`` computed in ``dtype`` (the values the kernels compute when given no tables)."""
+    angles = torch.arange(max_positions, device=device).to(dtype)[:, None] * rotary_inv_freq(
+        rotary_dim, base, dtype, device
+    )
+    return angles.cos(), angles.sin()
+
+
+def rotary_positions(
+    batch: int, seq: int, positions: Optional[Tensor], offsets: Optional[Tensor], offset: int, device
+) -> Tensor:
+    """The (batch, seq) int64 position of every token: ``positions`` (broadcast to (batch, seq)) if given, else
+    ``arange(seq)`` shifted by ``offsets[b]`` ((batch,) or (): per sequence) when given; plus ``offset``."""
+    if positions is not None:
+        return positions.long().expand(batch, seq) + offset
+    pos = torch.arange(seq, device=device).expand(batch, seq)
+    return (pos + offsets.long().reshape(-1, 1) if offsets is not None else pos) + offset
+
+
+def rotary_angles(
+    positions: Tensor,
+    rotary_dim: int,
+    base: float,
+    cos: Optional[Tensor],
+    sin: Optional[Tensor],
+    dtype: torch.dtype,
+    plain: bool = False,
+) -> tuple[Tensor, Tensor]:
+    """cos and sin of the angles of ``positions`` (batch, seq): (batch, seq, rotary_dim // 2) in ``dtype``, computed
+    as ``positions * inv_freq`` in ``dtype`` or gathered from the tables (max_positions, rotary_dim // 2).
+    ``plain`` computes inv_freq the way models usually do, ``1 / base ** (arange(0, rotary_dim, 2) / rotary_dim)``
+    in ``dtype``, instead of :func:`rotary_inv_freq`."""
+    if cos is not None:
+        return cos.to(dtype)[positions], sin.to(dtype)[positions]
+    if plain:
+        exponents = torch.arange(0, rotary_dim, 2, dtype=dtype, device=positions.device) / rotary_dim
+        inv_freq = 1.0 / (base**exponents)
+    else:
+        inv_freq = rotary_inv_freq(rotary_dim, base, dtype, positions.device)
+    angles = positions.to(dtype)[..., None] * inv_freq
+    return angles.cos(), angles.sin()
+
+
+def rotary_rotate(
+    x: Tensor, cos: Tensor, sin: Tensor, rotary_dim: int, interleaved: bool, inverse: bool = False,
+    upcast: bool = True,
+) -> Tensor:
+    """Rotate the first ``rotary_dim`` features of ``x`` (batch, heads, seq, head_dim) by the angles whose cos
+    and sin are (batch, seq, rotary_dim // 2); the other features pass through. Pair i is (x[i], x[i + r/2])
+    (half-split, GPT-NeoX) or (x[2i], x[2i+1]) (``interleaved``, GPT-J); each becomes
+    (x1 cos - x2 sin, x2 cos + x1 sin). ``inverse`` rotates by minus the angles: the transpose, i.e. the
+    backward. Computed in :func:`compute_dtype` (in x's dtype with the cos/sin rounded to it when not
+    ``upcast``, as a plain PyTorch model does)."""
+    work = compute_dtype(x.dtype) if upcast else x.dtype
+    c, s = cos[:, None].to(work), sin[:, None].to(work)  # (batch, 1, seq, r/2)
+    if inverse:
+        s = -s
+    rot = x[..., :rotary_dim].to(work)
+    half = rotary_dim // 2
+    x1, x2 = (rot[..., 0::2], rot[..., 1::2]) if interleaved else (rot[..., :half], rot[..., half:])
+    o1, o2 = x1 * c - x2 * s, x2 * c + x1 * s
+    rotated = torch.stack((o1, o2), dim=-1).flatten(-2) if interleaved else torch.cat((o1, o2), dim=-1)
+    return torch.cat((rotated.to(x.dtype), x[..., rotary_dim:]), dim=-1)
+
+
+def rotary(
+    q: Tensor,
+    k: Optional[Tensor] = None,
+    positions: Optional[Tensor] = None,
+    offsets: Optional[Tensor] = None,
+    cos: Optional[Tensor] = None,
+    sin: Optional[Tensor] = None,
+    offset: int = 0,
+    rotary_dim: Optional[int] = None,
+    interleaved: bool = False,
+    base: float = 10000.0,
+    inverse: bool = False,
+    upcast: bool = True,
+) -> tuple[Tensor, Optional[Tensor]]:
+    """RoPE of q (batch, heads_q, seq, head_dim) and k (batch, heads_k, seq, head_dim) or None, the plain eager
+    way; returns (q_out, k_out or None). Positions as :func:`rotary_positions`, angles as
+    :func:`rotary_angles` (computed in :func:`compute_dtype` of q), rotation as :func:`rotary_rotate`.
+    ``upcast=False`` is the tests' baseline, plain PyTorch as models write it: inv_freq as ``1 / base ** (...)``
+    and the angles in float32 (float64 for float64), cos/sin and the rotation in q's dtype."""
+    if rotary_dim is None:
+        rotary_dim = 2 * cos.shape[-1] if cos is not None else q.shape[-1]
+    pos = rotary_positions(q.shape[0], q.shape[2], positions, offsets, offset, q.device)
+    c, s = rotary_angles(pos, rotary_dim, base, cos, sin, compute_dtype(q.dtype), plain=not upcast)
+    out = [None if x is None else rotary_rotate(x, c, s, rotary_dim, interleaved, inverse, upcast) for x in (q, k)]
+    return out[0], out[1]
+
+
+# ---------------------------------------------------------------------------------------------------------
 # Positional encodings: sinusoidal, learned tables, token + position embeddings.
 # ---------------------------------------------------------------------------------------------------------
 
