@@ -37,7 +37,7 @@ import torch  # noqa: E402
 import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 
-from fastattn.triton_kernels import attention, kvcache, norm, positional, softmax  # noqa: E402
+from fastattn.triton_kernels import attention, kvcache, norm, positional, rotary, softmax  # noqa: E402
 
 # What launchers read from torch.cuda.get_device_properties, per compute capability: H100, A100.
 DEVICES = {
@@ -50,6 +50,7 @@ KERNELS = {
     softmax: ("_softmax_fwd_kernel", "_softmax_bwd_kernel"),
     norm: ("_norm_fwd_kernel", "_norm_bwd_kernel"),
     positional: ("_positional_add_kernel", "_embedding_forward_kernel", "_embedding_scatter_kernel"),
+    rotary: ("_rotary_kernel",),
 }
 POINTER_TYPES = {
     torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64",
@@ -176,6 +177,23 @@ def positional_case(dtype, quick=False) -> Case:
     return Case(f"{DTYPE_NAMES[dtype]} positional", run, quick)
 
 
+def rotary_case(dtype, head_dim, rotary_dim, interleaved=False, positions=False, tables=False, quick=False) -> Case:
+    """q (GQA) and k rotated in one launch, angles in the kernel or from tables, offsets or explicit positions."""
+    label = f"{DTYPE_NAMES[dtype]} d{head_dim} r{rotary_dim}" + " interleaved" * interleaved
+    label += " positions" * positions + " tables" * tables
+
+    def run():
+        seq, compute = 1000, torch.float64 if dtype == torch.float64 else torch.float32
+        q, k = meta(BATCH, HEADS, seq, head_dim, dtype=dtype), meta(BATCH, HEADS_KV, seq, head_dim, dtype=dtype)
+        q_out, k_out = meta(BATCH, HEADS, seq, head_dim, dtype=dtype), meta(BATCH, HEADS_KV, seq, head_dim, dtype=dtype)
+        pos = meta(BATCH, seq, dtype=torch.int64) if positions else None
+        offsets = None if positions else meta(BATCH, dtype=torch.int64)
+        cos = meta(4096, rotary_dim // 2, dtype=compute) if tables else None
+        rotary.rotary(q, k, q_out, k_out, pos, offsets, cos, cos, 3, rotary_dim, interleaved, 10000.0, False)
+
+    return Case(label, run, quick)
+
+
 def cases() -> list[Case]:
     f16, b16, f32, f64 = torch.float16, torch.bfloat16, torch.float32, torch.float64
     dropout = (0.1, 1234)
@@ -210,6 +228,10 @@ def cases() -> list[Case]:
         norm_case(f32, 1000, rms=True, dropout=(0.5, 2**64 - 1)),
         norm_case(f64, 20000, residual=f64),
         *(positional_case(dtype, quick=dtype == b16) for dtype in (f16, b16, f32, f64)),
+        rotary_case(b16, 128, 128, quick=True),
+        rotary_case(f16, 128, 64, interleaved=True, positions=True),
+        rotary_case(f32, 72, 72, tables=True),
+        rotary_case(f64, 40, 24, interleaved=True, positions=True, tables=True),
     ]
     return found
 
@@ -319,10 +341,9 @@ def explain(error: BaseException) -> list[str]:
 
 def describe(launch: Launch) -> str:
     a, o = launch.args, launch.options
-    if "BLOCK_S" in a:
-        tile = f"{a['BLOCK_S']}x{a['BLOCK_DV']}"
-    else:
-        tile = f"{a.get('BLOCK_M', 1)}x{a.get('BLOCK_N', a.get('BLOCK_D'))}"
+    rows = next((a[k] for k in ("BLOCK_M", "BLOCK_S") if k in a), 1)
+    cols = next((a[k] for k in ("BLOCK_N", "BLOCK_DV", "BLOCK_D", "BLOCK_P") if k in a), 1)
+    tile = f"{rows}x{cols}"
     name = launch.kernel.__name__.removeprefix("_").removesuffix("_kernel")
     return f"{name:<22} {launch.label:<64} {tile:>8} w{o.get('num_warps', 4)} s{o.get('num_stages', 3)}"
 
