@@ -107,15 +107,11 @@ def _kernels(name: str):
     return torch.ops.fastattn_C.norm_forward, torch.ops.fastattn_C.norm_backward
 
 
-def _stats_dtype(dtype: torch.dtype) -> torch.dtype:
-    return reference.compute_dtype(dtype)
-
-
 def _reference_forward(x, residual, weight, bias, eps, rms, dropout_p, seed, residual_out_dtype):
     """The reference backend with the kernels' outputs: (out, residual_out or empty, mean or empty, rstd)."""
     keep = reference.elementwise_dropout_mask(seed, dropout_p, *x.shape, x.device) if dropout_p > 0 else None
     out, z = reference.norm(x, residual, weight, bias, eps, rms, keep, dropout_p, residual_out_dtype)
-    zw = z.to(_stats_dtype(x.dtype))
+    zw = z.to(reference.compute_dtype(x.dtype))
     mean = zw.mean(dim=-1)
     centred = zw if rms else zw - mean[:, None]
     rstd = torch.rsqrt(centred.pow(2).mean(dim=-1) + eps)
@@ -163,7 +159,7 @@ def norm_op(
 
 def _fake_outputs(x, rms, residual_out_dtype):
     out_shape, z_shape, mean_shape, rstd_shape = _output_shapes(x, rms, residual_out_dtype)
-    stats = _stats_dtype(x.dtype)
+    stats = reference.compute_dtype(x.dtype)
     return (
         x.new_empty(out_shape),
         x.new_empty(z_shape, dtype=residual_out_dtype or x.dtype),
@@ -368,10 +364,9 @@ def dropout_add_norm(
     name = "fastattn.dropout_add_norm"
     if rms and bias is not None:
         raise ValueError(f"{name}: rms=True takes no bias")
-    z_dtype = torch.float32 if residual_in_fp32 else (residual.dtype if isinstance(residual, Tensor) else None)
-    if isinstance(x, Tensor) and z_dtype is None and dropout_p:
-        z_dtype = x.dtype
-    if z_dtype == getattr(x, "dtype", None) and residual is None and not dropout_p:
-        z_dtype = None  # z is x
+    x_dtype = getattr(x, "dtype", None)
+    z_dtype = torch.float32 if residual_in_fp32 else getattr(residual, "dtype", x_dtype)
+    if residual is None and not dropout_p and z_dtype == x_dtype:
+        z_dtype = None  # z is x: nothing to store
     out, z = _run(x, residual, normalized_shape, weight, bias, eps, dropout_p, rms, z_dtype, name)
     return out, (x if z is None else z)

@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from fastattn import backends
+from fastattn import backends, reference
 from fastattn.triton_kernels.philox import elementwise_keep_rows
 
 MAX_FUSED_N = 8192  # the longest row kept in registers in one pass
@@ -248,10 +248,6 @@ def _dropout_args(dropout_p: float, seed: int) -> tuple[int, int, int, float]:
     return seed & 0xFFFFFFFF, (seed >> 32) & 0xFFFFFFFF, int(dropout_p * 2**32), 1.0 / (1.0 - dropout_p)
 
 
-def _stats_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def norm_forward(
     x: Tensor,
     residual: Optional[Tensor],
@@ -266,7 +262,7 @@ def norm_forward(
     """The Triton twin of ``fastattn_C::norm_forward`` (schema in csrc/fastattn.cpp): x, residual (R, N) with
     unit stride over N; returns (out, residual_out or empty, mean or empty, rstd)."""
     n_rows, n = x.shape
-    stats = _stats_dtype(x.dtype)
+    stats = reference.compute_dtype(x.dtype)
     out = torch.empty((n_rows, n), dtype=x.dtype, device=x.device)
     store_z = residual_out_dtype is not None
     z = torch.empty((n_rows, n) if store_z else (0,), dtype=residual_out_dtype or x.dtype, device=x.device)
@@ -313,7 +309,7 @@ def norm_backward(
     grad_weight or empty, grad_bias or empty)."""
     n_rows, n = z.shape
     device = z.device
-    acc = _stats_dtype(x_dtype)
+    acc = reference.compute_dtype(x_dtype)
     affine = weight.dtype if weight is not None else x_dtype
     dx = torch.empty((n_rows, n), dtype=x_dtype, device=device)
     dres = torch.empty((n_rows, n) if residual_dtype else (0,), dtype=residual_dtype or x_dtype, device=device)
