@@ -21,23 +21,10 @@ def philox(c0, c1, c2, c3, key0, key1):
 
 
 @triton.jit
-def elementwise_keep(row, col_start, seed0, seed1, threshold, BLOCK_N: tl.constexpr):
-    """(BLOCK_N,) bool, True where elementwise dropout keeps columns col_start .. col_start + BLOCK_N - 1 of row
-    ``row`` (an int64 scalar): word c % 4 of Philox at counter (c // 4, row mod 2^32, row // 2^32, 1) is at least
-    ``threshold``. ``col_start`` is a multiple of 4; one Philox call covers 4 columns."""
-    groups = (col_start // 4 + tl.arange(0, BLOCK_N // 4)).to(tl.uint32)
-    c1 = tl.zeros_like(groups) + (row & 0xFFFFFFFF).to(tl.uint32)
-    c2 = tl.zeros_like(groups) + (row >> 32).to(tl.uint32)
-    c3 = tl.zeros_like(groups) + 1
-    r0, r1, r2, r3 = philox(groups, c1, c2, c3, seed0.to(tl.uint32), seed1.to(tl.uint32))
-    # join appends a dim of 2: [g, a, b] = (r0, r2 | r1, r3)[b][a] -> column 4g + 2a + b
-    words = tl.reshape(tl.join(tl.join(r0, r2), tl.join(r1, r3)), [BLOCK_N])
-    return words >= threshold.to(tl.uint32)
-
-
-@triton.jit
 def elementwise_keep_rows(rows, col_start, seed0, seed1, threshold, BLOCK_N: tl.constexpr):
-    """:func:`elementwise_keep` for a tile: (BLOCK_M, BLOCK_N) bool for the int64 row indices ``rows`` (BLOCK_M,)."""
+    """(BLOCK_M, BLOCK_N) bool, True where elementwise dropout keeps columns col_start .. col_start + BLOCK_N - 1
+    of the int64 rows ``rows`` (BLOCK_M,): word c % 4 of Philox at counter (c // 4, row mod 2^32, row // 2^32, 1)
+    is at least ``threshold``. ``col_start`` is a multiple of 4; one Philox call covers 4 columns."""
     groups = (col_start // 4 + tl.arange(0, BLOCK_N // 4)).to(tl.uint32)
     # Shapes inline: a list bound to a name turns into tensors when compiled.
     c0 = tl.broadcast_to(groups[None, :], [rows.shape[0], BLOCK_N // 4])
@@ -45,5 +32,6 @@ def elementwise_keep_rows(rows, col_start, seed0, seed1, threshold, BLOCK_N: tl.
     c2 = tl.broadcast_to((rows >> 32).to(tl.uint32)[:, None], [rows.shape[0], BLOCK_N // 4])
     c3 = tl.zeros_like(c0) + 1
     r0, r1, r2, r3 = philox(c0, c1, c2, c3, seed0.to(tl.uint32), seed1.to(tl.uint32))
+    # join appends a dim of 2: [m, g, a, b] = (r0, r2 | r1, r3)[b][a] -> column 4g + 2a + b
     words = tl.reshape(tl.join(tl.join(r0, r2), tl.join(r1, r3)), [rows.shape[0], BLOCK_N])
     return words >= threshold.to(tl.uint32)
