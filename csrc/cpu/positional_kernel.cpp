@@ -28,40 +28,9 @@ namespace fastattn {
 namespace {
 
 using cpu::compute_t;
-using cpu::convert_row;
 
 // The sinusoid tile of a task: about this many bytes of compute-type values.
 constexpr int64_t kTileBytes = 32 * 1024;
-
-// Where a row of T meets the kernels: compute-type rows are used in place, reduced-precision rows are staged
-// through scratch rows (input slots 0 and 1, one output slot).
-template <class T>
-class Stage {
- public:
-  using C = compute_t<T>;
-  static constexpr bool kStaged = !std::is_same_v<T, C>;
-  explicit Stage(int64_t n) : scratch_(kStaged ? 3 * n : 0), n_(n) {}
-  FASTATTN_INLINE const C* load(const T* src, int slot) {
-    if constexpr (kStaged) {
-      C* dst = scratch_.data() + slot * n_;
-      convert_row(src, dst, n_);
-      return dst;
-    } else {
-      return src;
-    }
-  }
-  FASTATTN_INLINE C* output(T* dst) {
-    if constexpr (kStaged) return scratch_.data() + 2 * n_;
-    else return dst;
-  }
-  FASTATTN_INLINE void store(T* dst) {
-    if constexpr (kStaged) convert_row(scratch_.data() + 2 * n_, dst, n_);
-  }
-
- private:
-  std::vector<C> scratch_;
-  int64_t n_;
-};
 
 // The dropout factor of each column of dropout row `row`: 1 / (1 - p) where kept, 0 where dropped. mult holds
 // dim rounded up to a multiple of 4 values.
@@ -109,7 +78,7 @@ FASTATTN_INLINE int64_t add_tasks(const PositionalAddArgs& a, int64_t begin, int
   T* out = static_cast<T*>(a.out);
   const T* table = static_cast<const T*>(a.table);
   const C scale = static_cast<C>(a.scale);
-  Stage<T> stage(dim);
+  cpu::RowStage<T> stage(dim);
   std::vector<double> rates(kPe == PeKind::kSinusoid ? dim : 0);
   std::vector<C> pe_tile(kPe == PeKind::kSinusoid ? tile * dim : 0);
   std::vector<C> mult(kDropout ? (dim + 3) / 4 * 4 : 0);
@@ -181,7 +150,7 @@ FASTATTN_INLINE int64_t embed_rows(const EmbeddingForwardArgs& a, int64_t begin,
   const T* position_weight = static_cast<const T*>(a.position_weight);
   T* out = static_cast<T*>(a.out);
   const C token_scale = static_cast<C>(a.token_scale);
-  Stage<T> stage(dim);
+  cpu::RowStage<T> stage(dim);
   std::vector<C> mult(kDropout ? (dim + 3) / 4 * 4 : 0);
   int64_t bad = -1;
   for (int64_t r = begin; r < end; ++r) {
@@ -216,7 +185,7 @@ FASTATTN_INLINE void scatter_rows(const EmbeddingScatterArgs& a, const int64_t* 
   const T* grad = static_cast<const T*>(a.grad);
   T* out = static_cast<T*>(a.out);
   const C scale = static_cast<C>(a.scale);
-  Stage<T> stage(dim);
+  cpu::RowStage<T> stage(dim);
   std::vector<C> acc(dim);
   for (int64_t v = begin; v < end; ++v) {
     T* out_row = out + v * dim;

@@ -101,38 +101,6 @@ struct KeepMask {  // -inf where the one-byte bool mask is 0
   }
 };
 
-// Where a row of T meets the kernels: compute-type rows are used in place, reduced-precision rows are staged
-// through scratch.
-template <class T>
-class RowStage {
- public:
-  using C = compute_t<T>;
-  static constexpr bool kStaged = !std::is_same_v<T, C>;
-  explicit RowStage(int64_t n) : scratch_(kStaged ? 3 * n : 0), n_(n) {}
-  // Row `which` (0, 1) of an input as compute-type values.
-  FASTATTN_INLINE const C* load(const T* src, int which) {
-    if constexpr (kStaged) {
-      C* dst = scratch_.data() + which * n_;
-      convert_row(src, dst, n_);
-      return dst;
-    } else {
-      return src;
-    }
-  }
-  // Where the kernel writes an output row dst; then store(dst) puts it in place.
-  FASTATTN_INLINE C* output(T* dst) {
-    if constexpr (kStaged) return scratch_.data() + 2 * n_;
-    else return dst;
-  }
-  FASTATTN_INLINE void store(T* dst) {
-    if constexpr (kStaged) convert_row(scratch_.data() + 2 * n_, dst, n_);
-  }
-
- private:
-  std::vector<C> scratch_;
-  int64_t n_;
-};
-
 // Forward of one row, in the compute type C.
 //   x:     the row's n inputs
 //   mask:  mask policy already moved to this row
@@ -174,7 +142,7 @@ FASTATTN_INLINE void forward_row(const C* __restrict x, Mask mask, C scale, int6
 template <class T, class Mask>
 FASTATTN_INLINE void forward_rows_masked(const SoftmaxForwardArgs& a, Mask mask, int64_t begin, int64_t end) {
   using C = compute_t<T>;
-  RowStage<T> stage(a.n);
+  cpu::RowStage<T> stage(a.n);
   const C scale = static_cast<C>(a.scale);
   const T* x = static_cast<const T*>(a.x);
   T* out = static_cast<T*>(a.out);
@@ -232,7 +200,7 @@ FASTATTN_INLINE void backward_row(const C* __restrict g, const C* __restrict y, 
 template <class T>
 FASTATTN_INLINE void backward_rows(const SoftmaxBackwardArgs& a, int64_t begin, int64_t end) {
   using C = compute_t<T>;
-  RowStage<T> stage(a.n);
+  cpu::RowStage<T> stage(a.n);
   const C scale = static_cast<C>(a.scale);
   const T* grad = static_cast<const T*>(a.grad);
   const T* out = static_cast<const T*>(a.out);

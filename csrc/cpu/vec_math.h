@@ -1,5 +1,6 @@
 // Helpers shared by the C++ CPU kernels (csrc/cpu/*_kernel.cpp): inlining and multi-versioning macros, the
-// compute type, a branch-free exp that vectorises, and row conversions between half/bfloat16 and float.
+// compute type, a branch-free exp that vectorises, row conversions between half/bfloat16 and float, and the
+// staging of such rows through float scratch (RowStage).
 // No torch headers beyond c10's Half and BFloat16.
 #pragma once
 #include <c10/util/BFloat16.h>
@@ -10,6 +11,7 @@
 #include <cstring>
 #include <limits>
 #include <type_traits>
+#include <vector>
 
 #if defined(__GNUC__) && defined(__x86_64__)
 #include <immintrin.h>
@@ -113,6 +115,38 @@ FASTATTN_INLINE void convert_row(const From* __restrict src, To* __restrict dst,
   }
   for (int64_t j = 0; j < n; ++j) dst[j] = static_cast<To>(src[j]);
 }
+
+// Where a row of T meets the kernels: compute-type rows are used in place, reduced-precision rows are staged
+// through per-thread scratch rows (input slots 0 and 1, one output slot).
+template <class T>
+class RowStage {
+ public:
+  using C = compute_t<T>;
+  static constexpr bool kStaged = !std::is_same_v<T, C>;
+  explicit RowStage(int64_t n) : scratch_(kStaged ? 3 * n : 0), n_(n) {}
+  // Row `which` (0, 1) of an input as compute-type values.
+  FASTATTN_INLINE const C* load(const T* src, int which) {
+    if constexpr (kStaged) {
+      C* dst = scratch_.data() + which * n_;
+      convert_row(src, dst, n_);
+      return dst;
+    } else {
+      return src;
+    }
+  }
+  // Where the kernel writes an output row dst; then store(dst) puts it in place.
+  FASTATTN_INLINE C* output(T* dst) {
+    if constexpr (kStaged) return scratch_.data() + 2 * n_;
+    else return dst;
+  }
+  FASTATTN_INLINE void store(T* dst) {
+    if constexpr (kStaged) convert_row(scratch_.data() + 2 * n_, dst, n_);
+  }
+
+ private:
+  std::vector<C> scratch_;
+  int64_t n_;
+};
 
 }  // namespace cpu
 }  // namespace fastattn

@@ -37,66 +37,19 @@
 //
 // Every load of a row is issued before the first use of its data (the raw bits wait in registers), so each
 // thread keeps its whole share of the row in flight at once.
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-
 #include <cstdint>
 #include <type_traits>
 
 #include "../norm.h"
 #include "../philox.h"
+#include "elements.h"
 #include "norm_kernel.h"
 
 namespace fastattn {
 namespace {
 
-// Elements of x per 16-byte vector: the chunk size.
-template <typename T>
-constexpr int kVec = 16 / int(sizeof(T));
-
 // Blocks per SM asked of ptxas (__launch_bounds__): 1024 threads an SM, at most 64 registers a thread.
 constexpr int min_blocks(int threads) { return threads >= 1024 ? 1 : 1024 / threads; }
-
-// ---------------------------------------------------------------------------------------------------------
-// Element types: the stored bits of one element and float32.
-// ---------------------------------------------------------------------------------------------------------
-
-template <typename S>
-struct Elem;
-
-template <>
-struct Elem<float> {
-  __device__ __forceinline__ static float to_float(uint32_t b) { return __uint_as_float(b); }
-  __device__ __forceinline__ static uint32_t to_bits(float f) { return __float_as_uint(f); }
-  __device__ __forceinline__ static uint32_t read(const float* p) { return __float_as_uint(*p); }
-  __device__ __forceinline__ static void write(float* p, uint32_t b) { *p = __uint_as_float(b); }
-};
-
-template <>
-struct Elem<__half> {
-  __device__ __forceinline__ static float to_float(uint32_t b) {
-    return __half2float(__ushort_as_half(static_cast<unsigned short>(b)));
-  }
-  __device__ __forceinline__ static uint32_t to_bits(float f) { return __half_as_ushort(__float2half_rn(f)); }
-  __device__ __forceinline__ static uint32_t read(const __half* p) { return __half_as_ushort(*p); }
-  __device__ __forceinline__ static void write(__half* p, uint32_t b) {
-    *p = __ushort_as_half(static_cast<unsigned short>(b));
-  }
-};
-
-template <>
-struct Elem<__nv_bfloat16> {
-  __device__ __forceinline__ static float to_float(uint32_t b) {
-    return __bfloat162float(__ushort_as_bfloat16(static_cast<unsigned short>(b)));
-  }
-  __device__ __forceinline__ static uint32_t to_bits(float f) {
-    return __bfloat16_as_ushort(__float2bfloat16_rn(f));
-  }
-  __device__ __forceinline__ static uint32_t read(const __nv_bfloat16* p) { return __bfloat16_as_ushort(*p); }
-  __device__ __forceinline__ static void write(__nv_bfloat16* p, uint32_t b) {
-    *p = __ushort_as_bfloat16(static_cast<unsigned short>(b));
-  }
-};
 
 // Vector loads and stores. kStream marks the last use of the data (evict-first); otherwise the default caching,
 // which keeps data a later pass re-reads in L1 / L2. Never the read-only path: the looped forward re-reads
@@ -270,26 +223,18 @@ __device__ __forceinline__ void dropout_factors(const Dropout& d, float scale, i
 // block, each with its own `buf`).
 // ---------------------------------------------------------------------------------------------------------
 
-__device__ __forceinline__ float warp_sum(float v) {
-#pragma unroll
-  for (int offset = 16; offset > 0; offset /= 2) v += __shfl_xor_sync(0xffffffffu, v, offset);
-  return v;
-}
-
 // Every thread of the row gets the sum of v over the row. buf: G / 32 floats of shared memory for this call only
 // (so no barrier is needed after it); G > 32 needs every thread of the block here (a __syncthreads).
 template <int G>
 __device__ __forceinline__ float row_sum(float v, float* buf) {
-  v = warp_sum(v);
+  v = group_reduce<32>(v, SumOp());
   if constexpr (G > 32) {
     constexpr int kWarps = G / 32;
     const int lane = threadIdx.x % 32;
     if (lane == 0) buf[threadIdx.x % G / 32] = v;
     __syncthreads();
     // Every group of kWarps lanes reads all the partial sums, so every lane ends with the total.
-    v = buf[lane % kWarps];
-#pragma unroll
-    for (int offset = kWarps / 2; offset > 0; offset /= 2) v += __shfl_xor_sync(0xffffffffu, v, offset);
+    v = group_reduce<kWarps>(buf[lane % kWarps], SumOp());
   }
   return v;
 }
@@ -297,8 +242,8 @@ __device__ __forceinline__ float row_sum(float v, float* buf) {
 // Two sums at once, with one barrier. buf: 2 * G / 32 floats.
 template <int G>
 __device__ __forceinline__ void row_sum2(float& a, float& b, float* buf) {
-  a = warp_sum(a);
-  b = warp_sum(b);
+  a = group_reduce<32>(a, SumOp());
+  b = group_reduce<32>(b, SumOp());
   if constexpr (G > 32) {
     constexpr int kWarps = G / 32;
     const int lane = threadIdx.x % 32, warp = threadIdx.x % G / 32;
@@ -307,13 +252,8 @@ __device__ __forceinline__ void row_sum2(float& a, float& b, float* buf) {
       buf[kWarps + warp] = b;
     }
     __syncthreads();
-    a = buf[lane % kWarps];
-    b = buf[kWarps + lane % kWarps];
-#pragma unroll
-    for (int offset = kWarps / 2; offset > 0; offset /= 2) {
-      a += __shfl_xor_sync(0xffffffffu, a, offset);
-      b += __shfl_xor_sync(0xffffffffu, b, offset);
-    }
+    a = group_reduce<kWarps>(buf[lane % kWarps], SumOp());
+    b = group_reduce<kWarps>(buf[kWarps + lane % kWarps], SumOp());
   }
 }
 

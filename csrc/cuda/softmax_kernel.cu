@@ -31,72 +31,18 @@
 // t, t + G, t + 2G, ..., so each load instruction of a warp reads consecutive 16-byte pieces. The output (and
 // a unit-stride mask) is accessed with vectors too when it shares x's alignment, element by element when
 // not (e.g. a strided x whose rows start unaligned while the contiguous output's do not).
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-
 #include <cstdint>
 #include <limits>
 #include <type_traits>
 
 #include "../softmax.h"
+#include "elements.h"
 #include "softmax_kernel.h"
 
 namespace fastattn {
 namespace {
 
 constexpr float kInf = std::numeric_limits<float>::infinity();
-
-// Elements per 16-byte vector.
-template <typename T>
-constexpr int kVec = 16 / int(sizeof(T));
-
-// ---------------------------------------------------------------------------------------------------------
-// Element types: conversion between the stored bits and float32.
-// ---------------------------------------------------------------------------------------------------------
-
-template <typename T>
-struct Elem;
-
-template <>
-struct Elem<float> {
-  __device__ __forceinline__ static float to_float(uint32_t b) { return __uint_as_float(b); }
-  __device__ __forceinline__ static uint32_t to_bits(float f) { return __float_as_uint(f); }
-  __device__ __forceinline__ static uint32_t read(const float* p) { return __float_as_uint(*p); }
-  __device__ __forceinline__ static void write(float* p, uint32_t b) { *p = __uint_as_float(b); }
-};
-
-template <>
-struct Elem<__half> {
-  __device__ __forceinline__ static float to_float(uint32_t b) {
-    return __half2float(__ushort_as_half(static_cast<unsigned short>(b)));
-  }
-  __device__ __forceinline__ static uint32_t to_bits(float f) { return __half_as_ushort(__float2half_rn(f)); }
-  __device__ __forceinline__ static uint32_t read(const __half* p) { return __half_as_ushort(*p); }
-  __device__ __forceinline__ static void write(__half* p, uint32_t b) {
-    *p = __ushort_as_half(static_cast<unsigned short>(b));
-  }
-};
-
-template <>
-struct Elem<__nv_bfloat16> {
-  __device__ __forceinline__ static float to_float(uint32_t b) {
-    return __bfloat162float(__ushort_as_bfloat16(static_cast<unsigned short>(b)));
-  }
-  __device__ __forceinline__ static uint32_t to_bits(float f) {
-    return __bfloat16_as_ushort(__float2bfloat16_rn(f));
-  }
-  __device__ __forceinline__ static uint32_t read(const __nv_bfloat16* p) { return __bfloat16_as_ushort(*p); }
-  __device__ __forceinline__ static void write(__nv_bfloat16* p, uint32_t b) {
-    *p = __ushort_as_bfloat16(static_cast<unsigned short>(b));
-  }
-};
-
-// A bool mask: one byte, nonzero = keep. Only its bits are used.
-template <>
-struct Elem<uint8_t> {
-  __device__ __forceinline__ static float to_float(uint32_t b) { return static_cast<float>(b); }
-  __device__ __forceinline__ static uint32_t read(const uint8_t* p) { return *p; }
-};
 
 // The stored type of a mask element, by mask kind (kNone: never read).
 template <typename T, MaskKind MK>
@@ -215,24 +161,6 @@ constexpr int min_blocks(int threads) { return threads >= 512 ? 2 : threads >= 2
 // ---------------------------------------------------------------------------------------------------------
 // Reductions over the G threads of a row.
 // ---------------------------------------------------------------------------------------------------------
-
-struct MaxOp {
-  // fmaxf drops a NaN; the row still turns NaN through its sum (exp(NaN - m) is NaN).
-  __device__ __forceinline__ float operator()(float a, float b) const { return fmaxf(a, b); }
-};
-
-struct SumOp {
-  __device__ __forceinline__ float operator()(float a, float b) const { return a + b; }
-};
-
-// Reduces v over aligned groups of G consecutive lanes (G a power of two <= 32); every lane gets its group's
-// result. All 32 lanes of the warp must call it (the loops below keep every lane running).
-template <int G, class Op>
-__device__ __forceinline__ float group_reduce(float v, Op op) {
-#pragma unroll
-  for (int offset = G / 2; offset > 0; offset /= 2) v = op(v, __shfl_xor_sync(0xffffffffu, v, offset));
-  return v;
-}
 
 // Reduces v over the G threads of a row: a lane group when G <= 32, else the whole block (blockDim.x == G).
 // buf: G / 32 floats of shared memory, used by this one call only (so no barrier is needed after it).
