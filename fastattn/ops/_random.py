@@ -7,17 +7,10 @@ import torch
 from torch import Tensor
 
 
-def dropout_seed(dropout_p: float) -> int:
-    """A 62-bit dropout seed as an int (0 without dropout)."""
-    if dropout_p == 0.0:
-        return 0
-    return int(torch.randint(0, 2**62, (1,)).item())
-
-
 def dropout_seed_tensor(dropout_p: float) -> Optional[Tensor]:
-    """The same draw as :func:`dropout_seed` as a (1,) int64 CPU tensor (None without dropout): a tensor rather
-    than an int so that torch.compile traces the draw instead of breaking the graph at ``.item()``; the ops
-    read it with :func:`seed_value` (a CPU read)."""
+    """A 62-bit dropout seed as a (1,) int64 CPU tensor (None without dropout): a tensor rather than an int so
+    that torch.compile traces the draw instead of breaking the graph at ``.item()``; the ops read it with
+    :func:`seed_value` (a CPU read)."""
     return None if dropout_p == 0.0 else torch.randint(0, 2**62, (1,))
 
 

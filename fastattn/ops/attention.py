@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from fastattn import backends, reference
-from fastattn.ops._random import dropout_seed
+from fastattn.ops._random import dropout_seed_tensor, seed_value
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 MAX_HEAD_DIM = 256
@@ -214,9 +214,11 @@ def attention_op(
     window_left: int,
     window_right: int,
     dropout_p: float,
-    seed: int,
+    seed: Optional[Tensor],
 ) -> tuple[Tensor, Tensor]:
-    """(out, lse) of the canonical problem in the module docstring; see :func:`attention`."""
+    """(out, lse) of the canonical problem in the module docstring; see :func:`attention`. ``seed``: None or the
+    (1,) int64 CPU tensor of the dropout seed (ops._random)."""
+    seed = seed_value(seed)
     name = backends.select("attention", q.device, FORWARD_CHECKS, q, dropout_p)
     seq_k = k.shape[2]
     if name == "reference" or q.numel() == 0 or seq_k == 0:
@@ -256,9 +258,10 @@ def attention_backward_op(
     window_left: int,
     window_right: int,
     dropout_p: float,
-    seed: int,
+    seed: Optional[Tensor],
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(dq, dk, dv) of ``fastattn::attention`` for the incoming gradients of out and lse (None: zero)."""
+    seed = seed_value(seed)
     name = backends.select("attention_backward", q.device, BACKWARD_CHECKS, q, dropout_p)
     seq_k = k.shape[2]
     if name == "reference" or q.numel() == 0 or seq_k == 0:
@@ -286,12 +289,13 @@ def _(grad_out, grad_lse, q, k, v, *_):
 
 def _setup_context(ctx, inputs, output):
     q, k, v, mask, key_padding, alibi = inputs[:6]
-    ctx.save_for_backward(q, k, v, *output, mask, key_padding, alibi)
-    ctx.arguments = inputs[6:]
+    ctx.save_for_backward(q, k, v, *output, mask, key_padding, alibi, inputs[-1])
+    ctx.arguments = inputs[6:-1]
 
 
 def _backward(ctx, grad_out, grad_lse):
-    grads = attention_backward_op(grad_out.contiguous(), grad_lse, *ctx.saved_tensors, *ctx.arguments)
+    *tensors, seed = ctx.saved_tensors
+    grads = attention_backward_op(grad_out.contiguous(), grad_lse, *tensors, *ctx.arguments, seed)
     return (*grads, None, None, None, None, None, None, None, None, None)
 
 
@@ -365,7 +369,7 @@ def attention(
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     out, lse = attention_op(
         q, k, v, attn_mask, key_padding_mask, alibi_slopes, scale, seq_k - q.shape[2], window_left, window_right,
-        float(dropout_p), dropout_seed(dropout_p),
+        float(dropout_p), dropout_seed_tensor(dropout_p),
     )  # fmt: skip
     return (out, lse) if return_lse else out
 
@@ -416,7 +420,7 @@ def scaled_dot_product_attention(
     _check_dropout(dropout_p, name)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     out, _ = attention_op(
-        q, k, v, mask, None, None, scale, 0, -1, 0 if is_causal else -1, float(dropout_p), dropout_seed(dropout_p)
+        q, k, v, mask, None, None, scale, 0, -1, 0 if is_causal else -1, float(dropout_p), dropout_seed_tensor(dropout_p)
     )
     return out.squeeze(1) if query.dim() == 3 else out.reshape(*query.shape[:-1], v.shape[-1])
 

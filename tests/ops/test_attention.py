@@ -217,7 +217,7 @@ def dropout_call(q, k, v, kwargs, p, seed):
     scale = q.shape[-1] ** -0.5
     out, _ = fastattn.ops.attention.attention_op(
         q, k, v, kwargs.get("attn_mask"), kwargs.get("key_padding_mask"), kwargs.get("alibi_slopes"), scale,
-        k.shape[2] - q.shape[2], left, right, p, seed,
+        k.shape[2] - q.shape[2], left, right, p, torch.tensor([seed]),
     )  # fmt: skip
     return out
 
@@ -339,7 +339,7 @@ def test_opcheck(backend_device):
     q, k, v, kwargs = make_inputs(case, torch.float32, device)
     q, k, v = (t.requires_grad_() for t in (q, k, v))
     mask = kwargs["attn_mask"]
-    args = (q, k, v, mask, kwargs["key_padding_mask"], None, 0.25, 4, -1, 0, 0.0, 0)
+    args = (q, k, v, mask, kwargs["key_padding_mask"], None, 0.25, 4, -1, 0, 0.3, torch.tensor([5]))
     with fastattn.backend(name, "reference"):
         torch.library.opcheck(torch.ops.fastattn.attention.default, args)
 
@@ -354,6 +354,13 @@ def test_compile_fullgraph():
     (g1,) = torch.autograd.grad(compiled(q).sum(), q)
     (g2,) = torch.autograd.grad(f(q).sum(), q)
     torch.testing.assert_close(g1, g2)
+
+    dropped = lambda t: fastattn.attention(t, k, v, **kwargs, dropout_p=0.5)  # noqa: E731
+    compiled = torch.compile(dropped, fullgraph=True, backend="aot_eager")  # the seed draw traces: no .item()
+    torch.manual_seed(1)
+    out = compiled(q)
+    torch.manual_seed(1)
+    torch.testing.assert_close(out, dropped(q))  # the compiled graph draws the eager seed
 
 
 def _qkv(hq=4, hkv=4, d=8, dtype=torch.float32):
