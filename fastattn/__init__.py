@@ -6,7 +6,19 @@ unavailable (``python -m fastattn.info``).
 
 from fastattn import backends, reference
 from fastattn.backends import BackendError, backend, record
-from fastattn.nn import LayerNorm, RMSNorm, RotaryEmbedding, Softmax
+from fastattn.convert import convert
+from fastattn.nn import (
+    LayerNorm,
+    MultiheadAttention,
+    RMSNorm,
+    RotaryEmbedding,
+    Softmax,
+    Transformer,
+    TransformerDecoder,
+    TransformerDecoderLayer,
+    TransformerEncoder,
+    TransformerEncoderLayer,
+)
 from fastattn.nn.positional import LearnedPositionalEmbedding, SinusoidalPositionalEncoding, TokenAndPositionEmbedding
 from fastattn.ops.attention import attention, scaled_dot_product_attention
 from fastattn.ops.kvcache import attention_with_kvcache
@@ -26,17 +38,24 @@ __all__ = [
     "BackendError",
     "LayerNorm",
     "LearnedPositionalEmbedding",
+    "MultiheadAttention",
     "RMSNorm",
     "RotaryEmbedding",
     "SinusoidalPositionalEncoding",
     "Softmax",
     "TokenAndPositionEmbedding",
+    "Transformer",
+    "TransformerDecoder",
+    "TransformerDecoderLayer",
+    "TransformerEncoder",
+    "TransformerEncoderLayer",
     "alibi_slopes",
     "apply_rotary",
     "attention",
     "attention_with_kvcache",
     "backend",
     "backends",
+    "convert",
     "dropout_add_norm",
     "embedding_with_positions",
     "layer_norm",

@@ -200,6 +200,11 @@ def select(op: str, device: torch.device, checks: dict[str, Check], *args) -> st
     raise BackendError(f"fastattn.{op}: no backend can run these inputs ({detail})")
 
 
+def report_fallback(op: str, runner: str, reason: str) -> None:
+    """Record (and log at INFO) that a module ran ``op`` outside fastattn's kernels, on ``runner``, and why."""
+    _report(Dispatch(op, runner, {"fastattn": reason}), refused=True)
+
+
 def _report(dispatch: Dispatch, refused: bool) -> None:
     for calls in _recorders.get():
         calls.append(dispatch)
