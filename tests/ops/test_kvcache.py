@@ -66,6 +66,8 @@ DECODE_CASES = [
 def test_decoding_error_ratio(backend_device, case, dtype):
     """Causal decoding against the float64 reference, the error-ratio rule against PyTorch in the same dtype."""
     name, device = backend_device
+    if dtype == torch.float64 and name == "cuda":
+        pytest.skip("the cuda backend runs float16/bfloat16/float32 (float64 goes to the next backend)")
     heads, kv_heads, n_q, max_seq, dim, dim_v, lengths, window, alibi = case
     batch = len(lengths)
     q, k_cache, v_cache = make_cache(batch, heads, kv_heads, n_q, max_seq, dim, dim_v, dtype, device)
