@@ -120,14 +120,14 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
         w, b = self.in_proj_weight, self.in_proj_bias
         if self._qkv_same_embed_dim and query is key and key is value:
             qkv = F.linear(query, w, b).unflatten(-1, (3, heads, -1))  # (N, L, 3, H, D)
-            return tuple(qkv.select(2, i).transpose(1, 2) for i in range(3))
+            return tuple(t.transpose(1, 2) for t in qkv.unbind(2))  # unbind: its backward is one stack
         if self._qkv_same_embed_dim:
             w_q, w_kv = w.split([embed, 2 * embed])
             b_q, b_kv = (None, None) if b is None else b.split([embed, 2 * embed])
             if key is value:
                 q = F.linear(query, w_q, b_q)
-                kv = F.linear(key, w_kv, b_kv).unflatten(-1, (2, heads, -1))  # (N, S, 2, H, D)
-                return _heads(q, heads), kv.select(2, 0).transpose(1, 2), kv.select(2, 1).transpose(1, 2)
+                k, v = F.linear(key, w_kv, b_kv).unflatten(-1, (2, heads, -1)).unbind(2)  # (N, S, H, D) each
+                return _heads(q, heads), k.transpose(1, 2), v.transpose(1, 2)
             weights = w.chunk(3)
         else:
             weights = (self.q_proj_weight, self.k_proj_weight, self.v_proj_weight)
