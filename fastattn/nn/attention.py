@@ -30,7 +30,8 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
     Masks follow torch: ``attn_mask`` (L, S) or (N * num_heads, L, S), bool True = *not* allowed, float added;
     ``key_padding_mask`` (N, S), bool True = ignore, float added; ``is_causal`` is a hint that ``attn_mask`` is
     the causal mask (the kernel then skips the masked blocks instead of reading the mask). A query that can see
-    no key gets output 0 (from the out projection's bias), where torch gives NaN.
+    no key gets attention output 0 (so the out projection's bias), as torch's SDPA path does (its
+    ``need_weights=True`` path gives NaN).
     """
 
     def forward(
