@@ -155,6 +155,8 @@ class _Seq2SeqBase(torch.nn.Module):
         if tokens.dim() != 2 or tokens.shape[0] == 0 or not 1 <= tokens.shape[1] <= self.max_len:
             raise ValueError(f"{name}: {arg} must be (batch, seq) with batch >= 1 and 1 <= seq <= max_len="
                              f"{self.max_len}, got shape {tuple(tokens.shape)}")  # fmt: skip
+        if torch.compiler.is_compiling():  # reading values would break the graph; the embedding still checks ids
+            return
         lo, hi = torch.stack(torch.aminmax(tokens)).tolist()
         if lo < 0 or hi >= vocab:
             raise IndexError(f"{name}: {arg} holds id {lo if lo < 0 else hi}, outside [0, {vocab})")

@@ -275,3 +275,17 @@ def test_bad_inputs_raise(cls):
     with pytest.raises(ValueError, match=f"eos_id must be an int in \\[0, {TGT_VOCAB}\\)"):
         cls(SRC_VOCAB, TGT_VOCAB, eos_id=TGT_VOCAB)
     assert model.generate(src, MAX_LEN - 1).shape[1] <= MAX_LEN  # the longest allowed
+
+
+def test_compile_fullgraph_training_step():
+    """torch.compile traces forward and backward whole: the token-range check does not read values there."""
+    torch._dynamo.reset()
+    ours, _ = _models(dtype=torch.float32, dropout=0.1)
+    compiled = torch.compile(ours, fullgraph=True, backend="aot_eager")
+    src, tgt = _src(), _tgt()
+    torch.manual_seed(0)
+    loss = compiled(src, tgt).square().mean()
+    (grad,) = torch.autograd.grad(loss, [ours.lm_head.weight])
+    torch.manual_seed(0)
+    (expected,) = torch.autograd.grad(ours(src, tgt).square().mean(), [ours.lm_head.weight])
+    assert_close(grad, expected, atol=1e-6)
