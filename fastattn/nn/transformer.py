@@ -40,10 +40,10 @@ def _add_norm(x: Tensor, residual: Tensor, norm: torch.nn.Module, dropout: torch
 
 def _feed_forward(layer: torch.nn.Module, x: Tensor) -> Tensor:
     """``linear2(dropout(activation(linear1(x))))`` of a layer (its dropout of the result joins the next add);
-    ReLU in place."""
+    ReLU in place when no gradient is recorded (with one, autograd would copy linear1's output view back)."""
     h = layer.linear1(x)
     relu = layer.activation is torch.nn.functional.relu or isinstance(layer.activation, torch.nn.ReLU)
-    h = torch.relu_(h) if relu else layer.activation(h)
+    h = torch.relu_(h) if relu and not torch.is_grad_enabled() else layer.activation(h)
     return layer.linear2(layer.dropout(h))
 
 
