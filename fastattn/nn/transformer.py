@@ -157,13 +157,14 @@ class TransformerEncoder(torch.nn.TransformerEncoder):
         for layer in self.layers:
             output = layer(output, src_mask=mask, is_causal=is_causal, src_key_padding_mask=src_key_padding_mask)
         if self._torch_zeroes_padding(src, mask, src_key_padding_mask):
-            padding = src_key_padding_mask if batch_first else src_key_padding_mask.transpose(0, 1)
+            padding = src_key_padding_mask != 0  # bool, or float with -inf at the padding (as torch reads it)
+            padding = padding if batch_first else padding.transpose(0, 1)
             output = output.masked_fill(padding.unsqueeze(-1), 0.0)
         return output if self.norm is None else self.norm(output)
 
     def _torch_zeroes_padding(self, src: Tensor, mask: Optional[Tensor], padding: Optional[Tensor]) -> bool:
         """Whether torch's TransformerEncoder would run on a nested tensor here (its "sparsity fast path")."""
-        if padding is None or mask is not None or src.dim() != 3 or padding.dtype != torch.bool:
+        if padding is None or mask is not None or src.dim() != 3:
             return False
         if not (torch.backends.mha.get_fastpath_enabled() and getattr(self, "use_nested_tensor", False)):
             return False
@@ -172,7 +173,7 @@ class TransformerEncoder(torch.nn.TransformerEncoder):
         if torch.is_grad_enabled() and (src.requires_grad or any(p.requires_grad for p in self.parameters())):
             return False
         if getattr(self, "mask_check", True):
-            return bool(torch._nested_tensor_from_mask_left_aligned(src, padding.logical_not()))
+            return bool(torch._nested_tensor_from_mask_left_aligned(src, padding == 0))
         return True
 
 

@@ -128,6 +128,9 @@ def test_encoder_eval_zeroes_padding_like_torchs_nested_fast_path():
         out, expected = ours(src, src_key_padding_mask=padding), theirs(src, src_key_padding_mask=padding)
         assert_close(out, expected, atol=ATOL)  # padded rows included: norm(0) = its bias
         assert_close(ours(src), theirs(src), atol=ATOL)
+        additive = torch.zeros(padding.shape, dtype=torch.float64).masked_fill(padding, float("-inf"))
+        assert_close(ours(src, src_key_padding_mask=additive), expected, atol=ATOL)
+        assert_close(theirs(src, src_key_padding_mask=additive), expected, atol=ATOL)
     ours.train(), theirs.train()
     for module in (ours, theirs):
         for m in module.modules():
