@@ -68,7 +68,7 @@ def convert(model: torch.nn.Module) -> Report:
     Returns a :class:`Report` (``print`` it) of what was replaced, and of the modules left as they were and why:
     subclasses of those torch.nn classes (their own code may rely on torch's forward), TorchScript modules,
     and kinds fastattn has no drop-in for yet (LSTM, GRU, RNN). Outputs are unchanged within the error-ratio
-    rule, except where the drop-in's docstring says otherwise (e.g. no NaN for a fully masked query).
+    rule, except where the drop-in's docstring says otherwise (e.g. dropout draws its own random numbers).
     """
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"fastattn.convert: model must be a torch.nn.Module, got {type(model).__name__}")

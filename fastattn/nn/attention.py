@@ -9,11 +9,12 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fastattn import backends
+from fastattn.nn._drop_in import DropIn
 from fastattn.ops._random import dropout_seed_tensor
 from fastattn.ops.attention import attention_op
 
 
-class MultiheadAttention(torch.nn.MultiheadAttention):
+class MultiheadAttention(DropIn, torch.nn.MultiheadAttention):
     """:class:`torch.nn.MultiheadAttention` whose attention runs in fastattn's fused kernel.
 
     Same constructor (embed_dim, num_heads, dropout, bias, add_bias_kv, add_zero_attn, kdim, vdim, batch_first),
@@ -136,13 +137,6 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
         return tuple(
             _heads(F.linear(x, wi, bi), heads) for x, wi, bi in zip((query, key, value), weights, biases, strict=True)
         )
-
-    @classmethod
-    def from_torch(cls, module: torch.nn.MultiheadAttention) -> "MultiheadAttention":
-        """A fastattn.MultiheadAttention sharing ``module``'s parameters (no copy)."""
-        new = cls.__new__(cls)
-        new.__dict__ = module.__dict__.copy()
-        return new
 
 
 def _needs_torch(need_weights: bool, attn_mask: Optional[Tensor]) -> Optional[str]:

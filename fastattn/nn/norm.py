@@ -6,35 +6,22 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from fastattn.nn._drop_in import DropIn
 from fastattn.ops.norm import layer_norm, rms_norm
 
 
-class LayerNorm(torch.nn.LayerNorm):
+class LayerNorm(DropIn, torch.nn.LayerNorm):
     """:class:`torch.nn.LayerNorm` computed by :func:`fastattn.layer_norm`."""
 
     def forward(self, input: Tensor) -> Tensor:  # noqa: A002 (torch.nn's argument name)
         return layer_norm(input, self.normalized_shape, self.weight, self.bias, self.eps)
 
-    @classmethod
-    def from_torch(cls, module: torch.nn.LayerNorm) -> "LayerNorm":
-        """A fastattn.LayerNorm sharing ``module``'s parameters (no copy)."""
-        new = cls.__new__(cls)
-        new.__dict__ = module.__dict__.copy()
-        return new
 
-
-class RMSNorm(torch.nn.RMSNorm):
+class RMSNorm(DropIn, torch.nn.RMSNorm):
     """:class:`torch.nn.RMSNorm` computed by :func:`fastattn.rms_norm`."""
 
     def forward(self, input: Tensor) -> Tensor:  # noqa: A002
         return rms_norm(input, self.normalized_shape, self.weight, self.eps)
-
-    @classmethod
-    def from_torch(cls, module: torch.nn.RMSNorm) -> "RMSNorm":
-        """A fastattn.RMSNorm sharing ``module``'s parameters (no copy)."""
-        new = cls.__new__(cls)
-        new.__dict__ = module.__dict__.copy()
-        return new
 
 
 __all__ = ["LayerNorm", "RMSNorm"]

@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 from torch import Tensor
 
+from fastattn.nn._drop_in import DropIn
 from fastattn.ops.softmax import softmax
 
 
-class Softmax(torch.nn.Softmax):
+class Softmax(DropIn, torch.nn.Softmax):
     """:class:`torch.nn.Softmax` computed by :func:`fastattn.softmax`; same constructor and results.
 
     ``dim=None`` keeps torch's legacy choice of dim (0 for 0-, 1- and 3-d inputs, else 1).
@@ -23,10 +22,6 @@ class Softmax(torch.nn.Softmax):
         if self.dim is not None:
             return self.dim
         return 0 if input.dim() in (0, 1, 3) else 1
-
-    @classmethod
-    def from_torch(cls, module: torch.nn.Softmax) -> "Softmax":
-        return cls(dim=module.dim)
 
 
 __all__ = ["Softmax"]
