@@ -1,4 +1,4 @@
-"""``python -m bench [--ops softmax] [--quick] [--out DIR] [--device cpu|cuda] [--threads N]``
+"""``python -m bench [--ops softmax] [--quick] [--out DIR] [--device cpu|cuda] [--threads N] [--skip P] [--deadline S]``
 
 Runs every registered op benchmark (or those named) on one device with a progress bar, then writes
 ``results.csv`` (tidy rows), ``results.md`` (tables, also printed), ``env.json`` and one PNG per op and mode
@@ -28,6 +28,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, help="output folder (default: bench/results/<device>-<date>/)")
     parser.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when there is a GPU, else cpu")
     parser.add_argument("--threads", type=int, help="CPU threads for torch (default: the cores this process has)")
+    parser.add_argument("--skip", nargs="+", default=[], metavar="PROVIDER",
+                        help="providers not to time, e.g. torch.compile (reported as skipped, with this reason)")
+    parser.add_argument("--deadline", type=float, metavar="SECONDS",
+                        help="start no case after this many seconds; the cases left are listed in env.json")
     return parser.parse_args(argv)
 
 
@@ -78,14 +82,18 @@ def describe(case: harness.Case) -> str:
     return f"{case.op} {case.mode} {harness.dtype_label(case.dtype)} {harness.shape_label(case.shape)}"
 
 
-def run(cases: list[harness.Case], timer, env: dict) -> list[dict]:
-    """Time every case, showing progress; returns the tidy rows."""
+def run(cases: list[harness.Case], timer, env: dict, skip: Iterable[str] = (), deadline: float | None = None):
+    """Time every case, showing progress, until ``deadline`` seconds have passed; returns the tidy rows and
+    the cases not run."""
+    start = time.perf_counter()
     rows: list[dict] = []
     bar = progress(cases)
-    for case in bar:
+    for index, case in enumerate(bar):
+        if deadline is not None and time.perf_counter() - start > deadline:
+            return rows, cases[index:]
         show = functools.partial(show_provider, bar, describe(case))
-        rows += harness.run_case(case, timer, env, show)
-    return rows
+        rows += harness.run_case(case, timer, env, show, skip=set(skip))
+    return rows, []
 
 
 def show_provider(bar, case_label: str, provider: str) -> None:
@@ -122,8 +130,11 @@ def main(argv: list[str] | None = None) -> None:
 
     start = time.perf_counter()
     cases = [case for op in ops for case in op.cases(device, args.quick)]
-    rows = run(cases, timer, env)
+    rows, not_run = run(cases, timer, env, args.skip, args.deadline)
     env.update(runtime_s=time.perf_counter() - start, load_average_at_end=environment.load_average())
+    if not_run:
+        env["not_run_past_deadline"] = [describe(case) for case in not_run]
+        print(f"--deadline {args.deadline:g} s: {len(not_run)} case(s) not run (listed in env.json)", file=sys.stderr)
     text = write_outputs(rows, ops, env, out)
     print(text)
     print(f"wrote {out}/ (results.csv, results.md, env.json, plots) in {env['runtime_s']:.0f} s", file=sys.stderr)

@@ -14,7 +14,7 @@ import functools
 import importlib
 import pkgutil
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Container, Iterable, Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 
@@ -314,12 +314,21 @@ def _describe(error: Exception, limit: int = 200) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def run_case(case: Case, timer, environment: dict, on_provider: Callable[[str], None] = lambda name: None):
-    """Time every provider of ``case``; returns one row (a dict with :data:`COLUMNS`) per provider."""
+def run_case(
+    case: Case,
+    timer,
+    environment: dict,
+    on_provider: Callable[[str], None] = lambda name: None,
+    skip: Container[str] = (),
+):
+    """Time every provider of ``case`` but those named in ``skip``; returns one row (a dict with
+    :data:`COLUMNS`) per provider."""
     torch.manual_seed(0)
     rows = []
     for provider in case.providers():
         on_provider(provider.name)
+        if provider.name in skip:
+            provider = Provider(provider.name, skipped="not timed in this run (--skip)")
         rows.append(to_row(case, measure(provider, timer), environment))
     return rows
 

@@ -1,6 +1,7 @@
 """The bench harness end to end on a tiny made-up op: rows, skipped providers, Markdown, targets, files."""
 
 import csv
+import json
 
 import pytest
 import torch
@@ -59,6 +60,24 @@ def test_bench_run_writes_rows_tables_and_plots(toy_op, tmp_path):
     assert "**Target** (all): `fastattn-cpu`" in text and ": met)" in text
     assert (tmp_path / "env.json").exists()
     assert (tmp_path / "toy-forward.png").stat().st_size > 0
+
+
+def test_skip_leaves_a_provider_untimed(toy_op, tmp_path):
+    bench_main.main(["--ops", "toy", "--quick", "--device", "cpu", "--threads", "1", "--out", str(tmp_path),
+                     "--skip", "torch"])  # fmt: skip
+
+    with (tmp_path / "results.csv").open() as file:
+        rows = [row for row in csv.DictReader(file) if row["provider"] in ("torch", "fastattn-cpu")]
+    assert [(row["provider"], row["status"]) for row in rows] == [("torch", "skipped"), ("fastattn-cpu", "ok")] * 2
+    assert "--skip" in rows[0]["reason"]
+
+
+def test_deadline_lists_the_cases_not_run(toy_op, tmp_path):
+    bench_main.main(["--ops", "toy", "--quick", "--device", "cpu", "--threads", "1", "--out", str(tmp_path),
+                     "--deadline", "-1"])  # fmt: skip
+
+    env = json.loads((tmp_path / "env.json").read_text())
+    assert env["not_run_past_deadline"] == ["toy forward float32 4x8", "toy forward float32 4x16"]
 
 
 def test_unknown_op_is_refused():
