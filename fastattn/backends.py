@@ -71,6 +71,12 @@ def _triton_import_error() -> Optional[str]:
     return None
 
 
+@functools.lru_cache(maxsize=None)
+def _cuda_not_built(module) -> Optional[str]:
+    info = module.build_info()
+    return None if info["cuda"] else f"fastattn._C was built without CUDA: {info['cuda_status']}"
+
+
 def _gpu_missing() -> Optional[str]:
     return None if torch.cuda.is_available() else "no CUDA GPU is visible to torch"
 
@@ -85,9 +91,9 @@ def unavailable_reason(name: str, device: torch.device) -> Optional[str]:
             return reason
         if name == "cpu":
             return None if device.type == "cpu" else f"the cpu backend runs CPU tensors, not {device.type}"
-        info = module.build_info()
-        if not info["cuda"]:
-            return f"fastattn._C was built without CUDA: {info['cuda_status']}"
+        reason = _cuda_not_built(module)
+        if reason:
+            return reason
         if device.type != "cuda":
             return f"the cuda backend runs CUDA tensors, not {device.type}"
         return _gpu_missing()
@@ -191,7 +197,8 @@ def select(op: str, device: torch.device, checks: dict[str, Check], *args) -> st
             reason = checks[name](*args) if name in checks else f"{op} has no {name} kernel"
             refused = refused or reason is not None
         if reason is None:
-            _report(Dispatch(op, name, skipped), refused)
+            if _recorders.get() or logger.isEnabledFor(logging.INFO if refused else logging.DEBUG):
+                _report(Dispatch(op, name, skipped), refused)
             return name
         skipped[name] = reason
     detail = "; ".join(f"{name}: {why}" for name, why in skipped.items())

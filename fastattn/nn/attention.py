@@ -11,7 +11,7 @@ from torch import Tensor
 from fastattn import backends
 from fastattn.nn._drop_in import DropIn
 from fastattn.ops._random import dropout_seed_tensor
-from fastattn.ops.attention import attention_op
+from fastattn.ops.attention import run_attention
 
 
 class MultiheadAttention(DropIn, torch.nn.MultiheadAttention):
@@ -109,7 +109,7 @@ class MultiheadAttention(DropIn, torch.nn.MultiheadAttention):
             mask = padding_scores if mask is None else _as_scores(mask, query.dtype) + padding_scores
             padding = None
         dropout_p = self.dropout if self.training else 0.0
-        out, _ = attention_op(
+        out, _ = run_attention(
             q, k, v, mask, padding, None, q.shape[-1] ** -0.5, 0, -1, 0 if is_causal else -1, dropout_p,
             dropout_seed_tensor(dropout_p),
         )  # fmt: skip

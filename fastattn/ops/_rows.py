@@ -71,3 +71,8 @@ def as_2d(t: Tensor) -> Tensor:
     """View (..., N) as (rows, N) with unit stride over N, copying only when no such view exists."""
     t = t.reshape(-1, t.shape[-1]) if t.dim() != 2 else t
     return t if t.shape[-1] <= 1 or t.stride(-1) == 1 else t.contiguous()
+
+
+def shaped(t: Tensor, shape) -> Tensor:
+    """``t.view(shape)``, or t itself when it already has that shape (a view costs microseconds per call)."""
+    return t if t.shape == shape else t.view(shape)

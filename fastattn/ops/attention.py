@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from fastattn import backends, reference
+from fastattn.ops._eager import EagerOp
 from fastattn.ops._random import dropout_seed_tensor, seed_value
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -201,8 +202,7 @@ def _dropout_mask(p: float, seed: int, shape, device: torch.device) -> Optional[
 # ---------------------------------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("fastattn::attention", mutates_args=())
-def attention_op(
+def _attention(
     q: Tensor,
     k: Tensor,
     v: Tensor,
@@ -234,6 +234,9 @@ def attention_op(
     )  # fmt: skip
 
 
+attention_op = torch.library.custom_op("fastattn::attention", _attention, mutates_args=())
+
+
 @attention_op.register_fake
 def _(q, k, v, mask, key_padding, alibi, scale, diagonal, window_left, window_right, dropout_p, seed):
     out = q.new_empty((*q.shape[:3], v.shape[-1]))
@@ -241,8 +244,7 @@ def _(q, k, v, mask, key_padding, alibi, scale, diagonal, window_left, window_ri
     return out, lse
 
 
-@torch.library.custom_op("fastattn::attention_backward", mutates_args=())
-def attention_backward_op(
+def _attention_backward(
     grad_out: Tensor,
     grad_lse: Optional[Tensor],
     q: Tensor,
@@ -282,6 +284,10 @@ def attention_backward_op(
     )  # fmt: skip
 
 
+attention_backward_op = torch.library.custom_op("fastattn::attention_backward", _attention_backward, mutates_args=())
+run_attention_backward = EagerOp(attention_backward_op, _attention_backward)
+
+
 @attention_backward_op.register_fake
 def _(grad_out, grad_lse, q, k, v, *_):
     return tuple(torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v))
@@ -295,11 +301,12 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_out, grad_lse):
     *tensors, seed = ctx.saved_tensors
-    grads = attention_backward_op(grad_out.contiguous(), grad_lse, *tensors, *ctx.arguments, seed)
+    grads = run_attention_backward(grad_out.contiguous(), grad_lse, *tensors, *ctx.arguments, seed)
     return (*grads, None, None, None, None, None, None, None, None, None)
 
 
 attention_op.register_autograd(_backward, setup_context=_setup_context)
+run_attention = EagerOp(attention_op, _attention, _setup_context, _backward)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -367,7 +374,7 @@ def attention(
     if causal:
         window_right = 0 if window_right < 0 else min(window_right, 0)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    out, lse = attention_op(
+    out, lse = run_attention(
         q, k, v, attn_mask, key_padding_mask, alibi_slopes, scale, seq_k - q.shape[2], window_left, window_right,
         float(dropout_p), dropout_seed_tensor(dropout_p),
     )  # fmt: skip
@@ -419,8 +426,9 @@ def scaled_dot_product_attention(
     _check_mask(mask, q, seq_k, name)
     _check_dropout(dropout_p, name)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    out, _ = attention_op(
-        q, k, v, mask, None, None, scale, 0, -1, 0 if is_causal else -1, float(dropout_p), dropout_seed_tensor(dropout_p)
+    causal_right = 0 if is_causal else -1
+    out, _ = run_attention(
+        q, k, v, mask, None, None, scale, 0, -1, causal_right, float(dropout_p), dropout_seed_tensor(dropout_p)
     )
     return out.squeeze(1) if query.dim() == 3 else out.reshape(*query.shape[:-1], v.shape[-1])
 

@@ -16,8 +16,15 @@ import torch
 from torch import Tensor
 
 from fastattn import backends, reference
+from fastattn.ops._eager import EagerOp
 from fastattn.ops.attention import (
-    FLOAT_DTYPES, _check_alibi, _check_qkv, _check_window, _cuda_check, _dtype_check, _last_dim_unit,
+    FLOAT_DTYPES,
+    _check_alibi,
+    _check_qkv,
+    _check_window,
+    _cuda_check,
+    _dtype_check,
+    _last_dim_unit,
 )
 
 CHECKS = {
@@ -28,8 +35,7 @@ CHECKS = {
 }
 
 
-@torch.library.custom_op("fastattn::attention_kvcache", mutates_args=())
-def attention_kvcache_op(
+def _attention_kvcache(
     q: Tensor,
     k_cache: Tensor,
     v_cache: Tensor,
@@ -69,6 +75,10 @@ def attention_kvcache_op(
         None, None, scale, 0, -1, -1, 0.0, 0,
     )  # fmt: skip
     return out.reshape(batch, heads, n, -1), lse.reshape(batch, heads, n)
+
+
+attention_kvcache_op = torch.library.custom_op("fastattn::attention_kvcache", _attention_kvcache, mutates_args=())
+run_attention_kvcache = EagerOp(attention_kvcache_op, _attention_kvcache)
 
 
 @attention_kvcache_op.register_fake
@@ -136,5 +146,5 @@ def attention_with_kvcache(
         for new, cache in ((k_new, k_cache), (v_new, v_cache)):
             cache.scatter_(2, positions.expand_as(new), new)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    out, lse = attention_kvcache_op(q, k_cache, v_cache, lengths, alibi_slopes, scale, window_left, window_right)
+    out, lse = run_attention_kvcache(q, k_cache, v_cache, lengths, alibi_slopes, scale, window_left, window_right)
     return (out, lse) if return_lse else out

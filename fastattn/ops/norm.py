@@ -12,8 +12,9 @@ import torch
 from torch import Tensor
 
 from fastattn import backends, reference
+from fastattn.ops._eager import EagerOp
 from fastattn.ops._random import dropout_seed_tensor, seed_value
-from fastattn.ops._rows import as_2d
+from fastattn.ops._rows import as_2d, shaped
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 GPU_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -129,8 +130,7 @@ def _output_shapes(x: Tensor, rms: bool, residual_out_dtype: Optional[torch.dtyp
     return x.shape, (x.shape if residual_out_dtype is not None else (0,)), ((0,) if rms else rows), rows
 
 
-@torch.library.custom_op("fastattn::norm", mutates_args=())
-def norm_op(
+def _norm(
     x: Tensor,
     residual: Optional[Tensor],
     weight: Optional[Tensor],
@@ -154,7 +154,7 @@ def norm_op(
         outputs = _reference_forward(x2, residual2, *args)
     else:
         outputs = _kernels(name)[0](x2, residual2, *args)
-    return tuple(t.view(shape) for t, shape in zip(outputs, shapes))
+    return tuple(shaped(t, shape) for t, shape in zip(outputs, shapes, strict=True))
 
 
 def _fake_outputs(x, rms, residual_out_dtype):
@@ -168,13 +168,15 @@ def _fake_outputs(x, rms, residual_out_dtype):
     )
 
 
+norm_op = torch.library.custom_op("fastattn::norm", _norm, mutates_args=())
+
+
 @norm_op.register_fake
 def _(x, residual, weight, bias, eps, rms, dropout_p, seed, residual_out_dtype):
     return _fake_outputs(x, rms, residual_out_dtype)
 
 
-@torch.library.custom_op("fastattn::norm_backward", mutates_args=())
-def norm_backward_op(
+def _norm_backward(
     grad_out: Tensor,
     grad_residual: Optional[Tensor],
     z: Tensor,
@@ -208,7 +210,7 @@ def norm_backward_op(
         )  # fmt: skip
         outputs = outputs[:2] + tuple(t.view(-1) if t.numel() == n else t for t in outputs[2:])
     grad_x, grad_res, grad_w, grad_b = outputs
-    return grad_x.view(shapes[0]), grad_res.view(shapes[1]), grad_w, grad_b
+    return shaped(grad_x, shapes[0]), shaped(grad_res, shapes[1]), grad_w, grad_b
 
 
 def _reference_backward(grad_out, grad_residual, z, weight, eps, rms, has_bias, dropout_p, seed, x_dtype,
@@ -238,6 +240,10 @@ def _fake_backward(z, weight, has_bias, x_dtype, residual_dtype):
     )
 
 
+norm_backward_op = torch.library.custom_op("fastattn::norm_backward", _norm_backward, mutates_args=())
+run_norm_backward = EagerOp(norm_backward_op, _norm_backward)
+
+
 @norm_backward_op.register_fake
 def _(grad_out, grad_residual, z, weight, mean, rstd, eps, rms, has_bias, dropout_p, seed, x_dtype, residual_dtype):
     return _fake_backward(z, weight, has_bias, x_dtype, residual_dtype)
@@ -258,7 +264,7 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_out, grad_residual_out, _grad_mean, _grad_rstd):
     z, weight, mean, rstd, seed = ctx.saved_tensors
     grad_residual = grad_residual_out if grad_residual_out is not None and grad_residual_out.numel() else None
-    grad_x, grad_res, grad_w, grad_b = norm_backward_op(
+    grad_x, grad_res, grad_w, grad_b = run_norm_backward(
         grad_out, grad_residual, z, weight, mean, rstd, ctx.eps, ctx.rms, ctx.has_bias, ctx.dropout_p, seed,
         ctx.x_dtype, ctx.residual_dtype,
     )  # fmt: skip
@@ -272,6 +278,7 @@ def _backward(ctx, grad_out, grad_residual_out, _grad_mean, _grad_rstd):
 
 
 norm_op.register_autograd(_backward, setup_context=_setup_context)
+run_norm = EagerOp(norm_op, _norm, _setup_context, _backward)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -290,12 +297,12 @@ def _run(x, residual, normalized_shape, weight, bias, eps, dropout_p, rms, resid
     shape = _normalized_shape(normalized_shape, name)
     _check(x, residual, weight, bias, shape, eps, dropout_p, name)
     k = len(shape)
-    outputs = norm_op(
+    outputs = run_norm(
         _flat(x, k), _flat(residual, k), _flat(weight, k), _flat(bias, k), float(eps), rms, float(dropout_p),
         dropout_seed_tensor(dropout_p), residual_out_dtype,
     )  # fmt: skip
-    out, residual_out = outputs[0].view(x.shape), outputs[1]
-    return out, (residual_out.view(x.shape) if residual_out_dtype is not None else None)
+    out, residual_out = shaped(outputs[0], x.shape), outputs[1]
+    return out, (shaped(residual_out, x.shape) if residual_out_dtype is not None else None)
 
 
 def layer_norm(

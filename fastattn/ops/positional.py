@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from fastattn import backends, reference
+from fastattn.ops._eager import EagerOp
 from fastattn.ops._random import dropout_seed_tensor, seed_value
 from fastattn.ops._rows import as_2d
 
@@ -155,8 +156,7 @@ def _batch_seq(x: Tensor, batch_first: bool) -> tuple[int, int]:
 # ---------------------------------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("fastattn::positional_add", mutates_args=())
-def positional_add_op(
+def _positional_add(
     x: Tensor,
     table: Optional[Tensor],
     offsets: Optional[Tensor],
@@ -193,19 +193,25 @@ def positional_add_op(
     )  # fmt: skip
 
 
+positional_add_op = torch.library.custom_op("fastattn::positional_add", _positional_add, mutates_args=())
+
+
 @positional_add_op.register_fake
 def _(x, table, offsets, offset, scale, base, sinusoid, batch_first, dropout_p, seed):
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
-@torch.library.custom_op("fastattn::embedding_scatter", mutates_args=())
-def embedding_scatter_op(grad: Tensor, index: Tensor, num_rows: int, scale: float, skip_row: int) -> Tensor:
+def _embedding_scatter(grad: Tensor, index: Tensor, num_rows: int, scale: float, skip_row: int) -> Tensor:
     """(num_rows, D) in grad's dtype: row v = scale * the sum of the rows of grad (n, D) with index (n,) = v; row
     ``skip_row`` (>= 0) zero. The backward of an embedding gather (dense, as :class:`torch.nn.Embedding`)."""
     name = backends.select("embedding_scatter", grad.device, CHECKS, grad)
     if name == "reference":
         return reference.embedding_scatter(grad, index, num_rows, scale, skip_row).contiguous()
     return _kernel(name, "embedding_scatter")(as_2d(grad), index.contiguous(), num_rows, scale, skip_row)
+
+
+embedding_scatter_op = torch.library.custom_op("fastattn::embedding_scatter", _embedding_scatter, mutates_args=())
+run_embedding_scatter = EagerOp(embedding_scatter_op, _embedding_scatter)
 
 
 @embedding_scatter_op.register_fake
@@ -228,9 +234,9 @@ def _positional_backward(ctx, grad):
         if scale == 1.0 and dropout_p == 0.0:
             grad_x = grad  # the identity: no pass over memory
         else:
-            grad_x = positional_add_op(grad, None, None, 0, scale, base, False, batch_first, dropout_p, seed)
+            grad_x = run_positional_add(grad, None, None, 0, scale, base, False, batch_first, dropout_p, seed)
     if ctx.table_rows is not None and ctx.needs_input_grad[1]:
-        kept = grad if dropout_p == 0.0 else positional_add_op(grad, None, None, 0, 1.0, base, False, batch_first,
+        kept = grad if dropout_p == 0.0 else run_positional_add(grad, None, None, 0, 1.0, base, False, batch_first,
                                                                dropout_p, seed)  # fmt: skip
         batch, seq = _batch_seq(grad, batch_first)
         if offsets is None:
@@ -241,15 +247,15 @@ def _positional_backward(ctx, grad):
             grad_table[offset : offset + seq] = summed
         else:
             pos = reference.sequence_positions(batch, seq, offset, offsets, batch_first, grad.device)
-            grad_table = embedding_scatter_op(as_2d(kept), pos.reshape(-1), ctx.table_rows, 1.0, -1)
+            grad_table = run_embedding_scatter(as_2d(kept), pos.reshape(-1), ctx.table_rows, 1.0, -1)
     return grad_x, grad_table, None, None, None, None, None, None, None, None
 
 
 positional_add_op.register_autograd(_positional_backward, setup_context=_positional_setup_context)
+run_positional_add = EagerOp(positional_add_op, _positional_add, _positional_setup_context, _positional_backward)
 
 
-@torch.library.custom_op("fastattn::embedding_with_positions", mutates_args=())
-def embedding_op(
+def _embedding(
     tokens: Tensor,
     token_weight: Tensor,
     position_weight: Tensor,
@@ -263,7 +269,7 @@ def embedding_op(
 ) -> Tensor:
     """``dropout(token_weight[tokens] * token_scale + position_weight[pos])`` (batch, seq, D) for int64 tokens
     (batch, seq) and pos = positions (batch, seq), else offset + offsets[b] + s. ``padding_idx`` (-1: none) only
-    matters to the backward: that row of token_weight gets no gradient. ``seed`` as :func:`positional_add_op`."""
+    matters to the backward: that row of token_weight gets no gradient. ``seed`` as ``fastattn::positional_add``'s."""
     name = backends.select("embedding_with_positions", token_weight.device, CHECKS, token_weight)
     seed_int = seed_value(seed)
     _check_range(tokens, 0, token_weight.shape[0], "token", "fastattn.embedding_with_positions")
@@ -285,6 +291,9 @@ def embedding_op(
     )  # fmt: skip
 
 
+embedding_op = torch.library.custom_op("fastattn::embedding_with_positions", _embedding, mutates_args=())
+
+
 @embedding_op.register_fake
 def _(tokens, token_weight, position_weight, positions, offsets, offset, token_scale, padding_idx, dropout_p, seed):
     return token_weight.new_empty(*tokens.shape, token_weight.shape[1])
@@ -303,11 +312,11 @@ def _embedding_backward(ctx, grad):
     tokens, positions, offsets, seed = ctx.saved_tensors
     offset, token_scale, padding_idx, dropout_p = ctx.arguments
     vocab, max_positions = ctx.rows
-    kept = grad if dropout_p == 0.0 else positional_add_op(grad, None, None, 0, 1.0, 1.0, False, True, dropout_p, seed)
+    kept = grad if dropout_p == 0.0 else run_positional_add(grad, None, None, 0, 1.0, 1.0, False, True, dropout_p, seed)
     kept = as_2d(kept)
     grad_token = grad_position = None
     if ctx.needs_input_grad[1]:
-        grad_token = embedding_scatter_op(kept, tokens.reshape(-1), vocab, token_scale, padding_idx)
+        grad_token = run_embedding_scatter(kept, tokens.reshape(-1), vocab, token_scale, padding_idx)
     if ctx.needs_input_grad[2]:
         if positions is None and offsets is None:  # rows offset .. offset + seq - 1: a batch sum, as for learned
             seq = tokens.shape[1]
@@ -317,11 +326,12 @@ def _embedding_backward(ctx, grad):
         else:
             if positions is None:
                 positions = reference.sequence_positions(*tokens.shape, offset, offsets, device=tokens.device)
-            grad_position = embedding_scatter_op(kept, positions.reshape(-1), max_positions, 1.0, -1)
+            grad_position = run_embedding_scatter(kept, positions.reshape(-1), max_positions, 1.0, -1)
     return None, grad_token, grad_position, None, None, None, None, None, None, None
 
 
 embedding_op.register_autograd(_embedding_backward, setup_context=_embedding_setup_context)
+run_embedding = EagerOp(embedding_op, _embedding, _embedding_setup_context, _embedding_backward)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -373,11 +383,11 @@ def sinusoidal_positional_encoding(
     dropout_p = _check_dropout(dropout_p, name)
     if x.dim() == 2:
         offset, offsets = _check_offset(offset, None, x.device, name)
-        return positional_add_op(x.unsqueeze(0), None, None, offset, scale, base, True, True, dropout_p,
+        return run_positional_add(x.unsqueeze(0), None, None, offset, scale, base, True, True, dropout_p,
                                  dropout_seed_tensor(dropout_p)).squeeze(0)  # fmt: skip
     batch, _ = _batch_seq(x, bool(batch_first))
     offset, offsets = _check_offset(offset, batch, x.device, name)
-    return positional_add_op(x, None, offsets, offset, scale, base, True, bool(batch_first), dropout_p,
+    return run_positional_add(x, None, offsets, offset, scale, base, True, bool(batch_first), dropout_p,
                              dropout_seed_tensor(dropout_p))  # fmt: skip
 
 
@@ -418,7 +428,7 @@ def learned_positional_encoding(
     offset, offsets = _check_offset(offset, None if squeeze else batch, x.device, name)
     if offsets is None:
         _check_positions(None, None, offset, seq, weight.shape[0], name)
-    out = positional_add_op(x, weight, offsets, offset, scale, 10000.0, False, bool(batch_first), dropout_p,
+    out = run_positional_add(x, weight, offsets, offset, scale, 10000.0, False, bool(batch_first), dropout_p,
                             dropout_seed_tensor(dropout_p))  # fmt: skip
     return out.squeeze(0) if squeeze else out
 
@@ -496,7 +506,7 @@ def embedding_with_positions(
         padding_idx %= vocab
     token_scale = _check_number(token_scale, "token_scale", name)
     dropout_p = _check_dropout(dropout_p, name)
-    out = embedding_op(tokens_2d, token_weight, position_weight, positions, offsets, offset, token_scale, padding_idx,
+    out = run_embedding(tokens_2d, token_weight, position_weight, positions, offsets, offset, token_scale, padding_idx,
                        dropout_p, dropout_seed_tensor(dropout_p))  # fmt: skip
     return out.squeeze(0) if squeeze else out
 

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from fastattn import backends, reference
+from fastattn.ops._eager import EagerOp
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 GPU_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -103,8 +104,7 @@ def _run(name: str, q, k, q_out, k_out, positions, offsets, cos, sin, offset, ro
 # ---------------------------------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("fastattn::rotary", mutates_args=())
-def rotary_op(
+def _rotary(
     q: Tensor,
     k: Optional[Tensor],
     positions: Optional[Tensor],
@@ -129,6 +129,9 @@ def rotary_op(
     return q_out, k_out
 
 
+rotary_op = torch.library.custom_op("fastattn::rotary", _rotary, mutates_args=())
+
+
 @rotary_op.register_fake
 def _(q, k, positions, offsets, cos, sin, offset, rotary_dim, interleaved, base, inverse):
     return _output_like(q), (q.new_empty(0) if k is None else _output_like(k))
@@ -145,7 +148,7 @@ def _backward(ctx, grad_q, grad_k):
     # The rotation is orthogonal: its transpose, the backward, rotates the gradients by minus the angles.
     positions, offsets, cos, sin = ctx.saved_tensors
     offset, rotary_dim, interleaved, base, inverse = ctx.options
-    grad_q, grad_k = rotary_op(
+    grad_q, grad_k = run_rotary(
         grad_q, grad_k if ctx.has_k else None, positions, offsets, cos, sin, offset, rotary_dim, interleaved, base,
         not inverse,
     )  # fmt: skip
@@ -153,6 +156,7 @@ def _backward(ctx, grad_q, grad_k):
 
 
 rotary_op.register_autograd(_backward, setup_context=_setup_context)
+run_rotary = EagerOp(rotary_op, _rotary, _setup_context, _backward)
 
 
 @torch.library.custom_op("fastattn::rotary_", mutates_args=("q", "k"))
@@ -348,7 +352,7 @@ def apply_rotary(
     cos, sin = _canonical_tables(q, cos, sin, rotary_dim)
     args = (positions, offsets, cos, sin, offset, rotary_dim, interleaved, float(base), False)
     if not inplace:
-        q_out, k_out = rotary_op(q, k, *args)
+        q_out, k_out = run_rotary(q, k, *args)
         return q_out if k is None else (q_out, k_out)
     if torch.is_grad_enabled() and (q.requires_grad or (k is not None and k.requires_grad)):
         raise RuntimeError(

@@ -10,7 +10,8 @@ import torch
 from torch import Tensor
 
 from fastattn import backends, reference
-from fastattn.ops._rows import as_2d, as_rows
+from fastattn.ops._eager import EagerOp
+from fastattn.ops._rows import as_2d, as_rows, shaped
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 GPU_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -102,8 +103,7 @@ def _kernel_mask(x: Tensor, mask: Optional[Tensor]) -> Optional[Tensor]:
 # ---------------------------------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("fastattn::softmax", mutates_args=())
-def softmax_op(x: Tensor, mask: Optional[Tensor], scale: float, causal: bool, log: bool) -> Tensor:
+def _softmax_rows(x: Tensor, mask: Optional[Tensor], scale: float, causal: bool, log: bool) -> Tensor:
     """Softmax (or log-softmax) of ``x * scale + mask`` over the last dim; see :func:`softmax`."""
     _check(x, mask, causal, "fastattn.softmax")
     name = backends.select("softmax", x.device, CHECKS, x, mask)
@@ -112,7 +112,10 @@ def softmax_op(x: Tensor, mask: Optional[Tensor], scale: float, causal: bool, lo
     if name == "reference":
         return reference.softmax(x, mask, scale, causal, log).contiguous()
     x_rows, mask_rows = as_rows([x, _kernel_mask(x, mask)], keep_last=causal)
-    return _forward_kernel(name)(x_rows, mask_rows, scale, causal, log).view(x.shape)
+    return shaped(_forward_kernel(name)(x_rows, mask_rows, scale, causal, log), x.shape)
+
+
+softmax_op = torch.library.custom_op("fastattn::softmax", _softmax_rows, mutates_args=())
 
 
 @softmax_op.register_fake
@@ -121,14 +124,17 @@ def _(x, mask, scale, causal, log):
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
-@torch.library.custom_op("fastattn::softmax_backward", mutates_args=())
-def softmax_backward_op(grad: Tensor, out: Tensor, scale: float, log: bool) -> Tensor:
+def _softmax_backward(grad: Tensor, out: Tensor, scale: float, log: bool) -> Tensor:
     """Gradient of ``fastattn::softmax`` with respect to ``x * scale``'s ``x``, from the output ``out``."""
     name = backends.select("softmax_backward", out.device, CHECKS, out)
     if out.numel() == 0:
         return torch.empty_like(out, memory_format=torch.contiguous_format)
     grad = grad.to(out.dtype)
-    return _backward_kernel(name)(as_2d(grad), out.reshape(-1, out.shape[-1]), scale, log).view(out.shape)
+    return shaped(_backward_kernel(name)(as_2d(grad), out.reshape(-1, out.shape[-1]), scale, log), out.shape)
+
+
+softmax_backward_op = torch.library.custom_op("fastattn::softmax_backward", _softmax_backward, mutates_args=())
+run_softmax_backward = EagerOp(softmax_backward_op, _softmax_backward)
 
 
 @softmax_backward_op.register_fake
@@ -150,15 +156,16 @@ def _backward(ctx, grad):
     grad_x = grad_mask = None
     if needs_mask:
         # d(out)/d(mask) is d(out)/dz: compute dz once, then scale it for x.
-        grad_z = softmax_backward_op(grad, out, 1.0, ctx.log)
+        grad_z = run_softmax_backward(grad, out, 1.0, ctx.log)
         grad_mask = grad_z.to(reference.compute_dtype(grad_z.dtype)).sum_to_size(ctx.mask_shape).to(ctx.mask_dtype)
         grad_x = grad_z * ctx.scale if needs_x else None
     elif needs_x:
-        grad_x = softmax_backward_op(grad, out, ctx.scale, ctx.log)
+        grad_x = run_softmax_backward(grad, out, ctx.scale, ctx.log)
     return grad_x, grad_mask, None, None, None
 
 
 softmax_op.register_autograd(_backward, setup_context=_setup_context)
+run_softmax = EagerOp(softmax_op, _softmax_rows, _setup_context, _backward)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -234,4 +241,4 @@ def log_softmax(
 def _softmax(x, dim, mask, scale, causal, log, name):
     _check(x, mask, causal, name)
     x, mask, undo = _along_last(x, dim, mask, causal, name)
-    return undo(softmax_op(x, mask, float(scale), bool(causal), log))
+    return undo(run_softmax(x, mask, float(scale), bool(causal), log))
