@@ -31,7 +31,7 @@ COLUMNS = (
 )  # fmt: skip
 
 # Modules of this package that hold no op benchmark.
-INFRASTRUCTURE = {"harness", "environment", "report", "plot"}
+INFRASTRUCTURE = {"harness", "environment", "report", "plot", "tune_attention"}
 
 
 # ---------------------------------------------------------------------------------------------------------
