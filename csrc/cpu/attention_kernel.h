@@ -1,5 +1,5 @@
 // CPU attention forward and backward kernels on raw pointers (arguments: csrc/attention.h; the kernels in
-// attention_tiles.h, attention_forward_kernel.cpp, attention_backward_kernel.cpp). No torch headers:
+// attention_tiles.h, attention_forward_kernel.cpp, attention_backward_tiles.h). No torch headers:
 // csrc/cpu/attention.cpp binds it to tensors and splits the tasks over threads.
 #pragma once
 #include <cstdint>

@@ -1,5 +1,5 @@
 // The tiles of the CPU attention kernels on raw pointers (arguments and semantics: csrc/attention.h): the GEMM
-// micro-kernel, masking, online softmax and the forward kernel, which the backward (attention_backward_kernel.cpp)
+// micro-kernel, masking, online softmax and the forward kernel, which the backward (attention_backward_tiles.h)
 // drives for its score tiles. Included by the two kernel files only.
 //
 // FlashAttention's tiled online softmax. A task is one (batch b, query head h, block of up to kBlockQ queries);
