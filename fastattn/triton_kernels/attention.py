@@ -26,7 +26,8 @@ end of the keys. Bool masks, float masks, key padding and alibi apply to every b
 Accumulation is in float32 (float64 for float64 inputs); float32 dots use IEEE fp32 (never TF32); p is
 rounded to v's dtype before the p v dot, as in FlashAttention. Dropout multiplies p by 1 / (1 - p_drop) or 0
 after l is summed, the kept entries drawn by Philox from (seed, b, h, i, j) (csrc/philox.h), so the backward
-regenerates them.
+regenerates them. The float scalars (the scales, 1 / (1 - p_drop)) arrive as integer bits
+(triton_kernels/scalars.py), so float64 keeps them exactly.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ import triton.language as tl
 from torch import Tensor
 
 from fastattn.triton_kernels.philox import philox
+from fastattn.triton_kernels.scalars import scalar, scalar_bits
 
 LOG2E = math.log2(math.e)  # exp(x) = exp2(x * LOG2E); inside kernels as the literal 1.4426950408889634
 
@@ -50,7 +52,7 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-DROPOUT_ARGS = ("drop_seed0", "drop_seed1", "drop_threshold")  # any value: never specialised as constants
+DROPOUT_ARGS = ("drop_seed0", "drop_seed1", "drop_threshold", "drop_scale_bits")  # any value: never specialised
 INTERPRETER_BLOCK = 16  # the interpreter's cost is Python per program and per block: small tiles, few of each
 SMEM_SLACK = 16 * 1024  # shared memory Triton uses beyond the tiles counted in _shared_memory (layout scratch)
 
@@ -106,10 +108,11 @@ def _config(
     return block_m, block_n, warps, stages
 
 
-def _dropout_args(dropout_p: float, seed: int) -> tuple[int, int, int, float]:
-    """The kernels' dropout arguments: the seed's low and high 32 bits, floor(p * 2^32) and 1 / (1 - p)."""
+def _dropout_args(dropout_p: float, seed: int, dtype: torch.dtype) -> tuple[int, int, int, int]:
+    """The kernels' dropout arguments for ``dtype`` inputs: the seed's low and high 32 bits, floor(p * 2^32) and
+    scalar_bits of 1 / (1 - p)."""
     seed &= 2**64 - 1
-    return seed & 0xFFFFFFFF, seed >> 32, int(dropout_p * 2**32), 1.0 / (1.0 - dropout_p)
+    return seed & 0xFFFFFFFF, seed >> 32, int(dropout_p * 2**32), scalar_bits(1.0 / (1.0 - dropout_p), dtype)
 
 
 def _row_strides(t: Tensor) -> tuple[int, int, int]:
@@ -355,7 +358,7 @@ def _attend_range(
     return acc, l_i, m_i
 
 
-@triton.jit(do_not_specialize=DROPOUT_ARGS)
+@triton.jit(do_not_specialize=["qk_scale_bits", *DROPOUT_ARGS])
 def _attention_fwd_kernel(
     Q,  # (B, Hq, Sq, D), strides (stride_qb, stride_qh, stride_qm, 1)
     K,  # (B, Hkv, Sk, D), strides (stride_kb, stride_kh, stride_kn, 1)
@@ -373,12 +376,12 @@ def _attention_fwd_kernel(
     stride_ab, stride_ah,
     Hq, Sq, Sk,
     kv_group,  # Hq // Hkv: q heads per kv head
-    qk_scale,  # scale, times log2(e) in base 2
+    qk_scale_bits,  # scalar_bits of the scale, times log2(e) in base 2
     diagonal,  # query i's "present" is key i + diagonal
     window_left, window_right,  # -1: unbounded
     drop_seed0, drop_seed1,  # dropout: the seed's low and high 32 bits
     drop_threshold,  # floor(dropout_p * 2^32)
-    drop_scale,  # 1 / (1 - dropout_p)
+    drop_scale_bits,  # scalar_bits of 1 / (1 - dropout_p)
     HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, HAS_KPAD: tl.constexpr, HAS_ALIBI: tl.constexpr,
     HAS_WL: tl.constexpr, HAS_WR: tl.constexpr,
     BASE2: tl.constexpr,  # base-2 exponents (everything but float64)
@@ -389,6 +392,8 @@ def _attention_fwd_kernel(
     ACC: tl.constexpr,  # accumulation dtype: float32, or float64 for float64 inputs
     INTERPRET: tl.constexpr,  # running in the Triton interpreter (CPU tensors): see _dot and _flags
 ):
+    qk_scale = scalar(qk_scale_bits, ACC)
+    drop_scale = scalar(drop_scale_bits, ACC)
     # The last query blocks come first: under a causal window they see the most keys, so the long
     # programs start early and the short ones fill the tail.
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
@@ -537,9 +542,9 @@ def attention_forward(
         *alibi_strides,
         heads, seq_q, seq_k,
         heads // heads_kv,
-        scale * LOG2E if base2 else scale,
+        scalar_bits(scale * LOG2E if base2 else scale, q.dtype),
         diagonal, window_left, window_right,
-        *_dropout_args(dropout_p, seed),
+        *_dropout_args(dropout_p, seed, q.dtype),
         HAS_MASK=mask is not None, MASK_BOOL=mask_bool, HAS_KPAD=key_padding is not None,
         HAS_ALIBI=alibi is not None, HAS_WL=window_left >= 0, HAS_WR=window_right >= 0,
         BASE2=base2, DROPOUT=dropout_p > 0,
@@ -585,7 +590,7 @@ def _bwd_probs(
     return _exp(s - lse[:, None], BASE2)
 
 
-@triton.jit(do_not_specialize=DROPOUT_ARGS)
+@triton.jit(do_not_specialize=["qk_scale_bits", "scale_bits", *DROPOUT_ARGS])
 def _attention_bwd_dkdv_kernel(
     Q, K, V, DO,  # as in the forward; DO (B, Hq, Sq, Dv) with strides (stride_ob, stride_oh, stride_om, 1)
     MASK, KPAD, ALIBI,
@@ -599,14 +604,19 @@ def _attention_bwd_dkdv_kernel(
     stride_mb, stride_mh, stride_mm, stride_mn,
     stride_pb, stride_pn,
     stride_ab, stride_ah,
-    Hq, Hkv, Sq, Sk, kv_group, qk_scale, scale, diagonal, window_left, window_right,
-    drop_seed0, drop_seed1, drop_threshold, drop_scale,
+    Hq, Hkv, Sq, Sk, kv_group,
+    qk_scale_bits, scale_bits,  # scalar_bits of the forward's qk_scale and of scale
+    diagonal, window_left, window_right,
+    drop_seed0, drop_seed1, drop_threshold, drop_scale_bits,
     HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, HAS_KPAD: tl.constexpr, HAS_ALIBI: tl.constexpr,
     HAS_WL: tl.constexpr, HAS_WR: tl.constexpr, BASE2: tl.constexpr, DROPOUT: tl.constexpr,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     ALIGN: tl.constexpr, ACC: tl.constexpr, INTERPRET: tl.constexpr,
 ):
+    qk_scale = scalar(qk_scale_bits, ACC)
+    scale = scalar(scale_bits, ACC)
+    drop_scale = scalar(drop_scale_bits, ACC)
     pid_n = tl.program_id(0)
     stride_qb, stride_qh, stride_qm = _aligned(stride_qb, ALIGN), _aligned(stride_qh, ALIGN), _aligned(stride_qm, ALIGN)
     stride_kb, stride_kh, stride_kn = _aligned(stride_kb, ALIGN), _aligned(stride_kh, ALIGN), _aligned(stride_kn, ALIGN)
@@ -715,7 +725,7 @@ def _dq_range(
     return dq
 
 
-@triton.jit(do_not_specialize=DROPOUT_ARGS)
+@triton.jit(do_not_specialize=["qk_scale_bits", "scale_bits", *DROPOUT_ARGS])
 def _attention_bwd_dq_kernel(
     Q, K, V, DO, MASK, KPAD, ALIBI, LSE, DELTA,
     DQ,  # (B, Hq, Sq, D) contiguous, q's dtype
@@ -726,14 +736,19 @@ def _attention_bwd_dq_kernel(
     stride_mb, stride_mh, stride_mm, stride_mn,
     stride_pb, stride_pn,
     stride_ab, stride_ah,
-    Hq, Sq, Sk, kv_group, qk_scale, scale, diagonal, window_left, window_right,
-    drop_seed0, drop_seed1, drop_threshold, drop_scale,
+    Hq, Sq, Sk, kv_group,
+    qk_scale_bits, scale_bits,  # scalar_bits of the forward's qk_scale and of scale
+    diagonal, window_left, window_right,
+    drop_seed0, drop_seed1, drop_threshold, drop_scale_bits,
     HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, HAS_KPAD: tl.constexpr, HAS_ALIBI: tl.constexpr,
     HAS_WL: tl.constexpr, HAS_WR: tl.constexpr, BASE2: tl.constexpr, DROPOUT: tl.constexpr,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     ALIGN: tl.constexpr, ACC: tl.constexpr, INTERPRET: tl.constexpr,
 ):
+    qk_scale = scalar(qk_scale_bits, ACC)
+    scale = scalar(scale_bits, ACC)
+    drop_scale = scalar(drop_scale_bits, ACC)
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
     stride_qb, stride_qh, stride_qm = _aligned(stride_qb, ALIGN), _aligned(stride_qh, ALIGN), _aligned(stride_qm, ALIGN)
     stride_kb, stride_kh, stride_kn = _aligned(stride_kb, ALIGN), _aligned(stride_kh, ALIGN), _aligned(stride_kn, ALIGN)
@@ -886,19 +901,19 @@ def attention_backward(
         INTERPRET=interpret,
         num_warps=num_warps, num_stages=num_stages,
     )
-    qk_scale = scale * LOG2E if base2 else scale
-    dropout = _dropout_args(dropout_p, seed)
+    scales = (scalar_bits(scale * LOG2E if base2 else scale, q.dtype), scalar_bits(scale, q.dtype))  # qk, scale
+    dropout = _dropout_args(dropout_p, seed, q.dtype)
     strides = (*q_strides, *k_strides, *v_strides, *o_strides, *mask_strides, *pad_strides, *alibi_strides)
     _attention_bwd_dkdv_kernel[(triton.cdiv(seq_k, block_n), heads_kv, batch)](
         q, k, v, grad_out, mask_arg, pad_arg, alibi_arg, lse_k, delta, dk, dv,
         *strides,
-        heads, heads_kv, seq_q, seq_k, heads // heads_kv, qk_scale, scale, diagonal, window_left, window_right,
+        heads, heads_kv, seq_q, seq_k, heads // heads_kv, *scales, diagonal, window_left, window_right,
         *dropout, **common,
     )
     _attention_bwd_dq_kernel[(triton.cdiv(seq_q, block_m), heads, batch)](
         q, k, v, grad_out, mask_arg, pad_arg, alibi_arg, lse_k, delta, dq,
         *strides,
-        heads, seq_q, seq_k, heads // heads_kv, qk_scale, scale, diagonal, window_left, window_right,
+        heads, seq_q, seq_k, heads // heads_kv, *scales, diagonal, window_left, window_right,
         *dropout, **common,
     )
     return dq, dk, dv

@@ -15,6 +15,7 @@ Query i of batch b sits at position ``pos = lengths[b] - n + i`` and sees keys j
 ``-window_left <= j - pos <= window_right`` (-1: unbounded; causal is window_right = 0); ALiBi adds
 ``-slope * |j - pos|``. Splits are planned on the cache's capacity, not on lengths (which live on the device):
 a split past a sequence's length returns at once. Semantics: fastattn/reference.py, ``attention_kvcache``.
+The scale arrives as integer bits (triton_kernels/scalars.py), so float64 keeps it exactly.
 """
 
 from __future__ import annotations
@@ -29,12 +30,13 @@ from torch import Tensor
 from fastattn.triton_kernels.attention import (
     LOG2E, _aligned, _alignment, _dot, _exp, _interpreting, _load_rows, _row_strides,
 )
+from fastattn.triton_kernels.scalars import scalar, scalar_bits
 
 MAX_ROWS = 64  # rows (group heads x queries) per program; more rows take more programs
 INTERPRETER_SPLIT = 32  # keys per split under the interpreter: several splits even for short test caches
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["qk_scale_bits"])
 def _kvcache_split_kernel(
     Q,  # (B, Hq, n, D), strides (stride_qb, stride_qh, stride_qm, 1)
     K,  # (B, Hkv, S, D), strides (stride_kb, stride_kh, stride_kn, 1)
@@ -47,12 +49,15 @@ def _kvcache_split_kernel(
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
     stride_ab, stride_ah,
-    B, Hq, n_queries, kv_group, row_blocks, split_size, qk_scale, window_left, window_right,
+    B, Hq, n_queries, kv_group, row_blocks, split_size,
+    qk_scale_bits,  # scalar_bits of the scale, times log2(e) in base 2
+    window_left, window_right,  # -1: unbounded
     HAS_ALIBI: tl.constexpr, HAS_WL: tl.constexpr, HAS_WR: tl.constexpr, BASE2: tl.constexpr,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     ALIGN: tl.constexpr, ACC: tl.constexpr, INTERPRET: tl.constexpr,
 ):
+    qk_scale = scalar(qk_scale_bits, ACC)
     split = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     h_kv = tl.program_id(2) // row_blocks
@@ -201,10 +206,11 @@ def attention_kvcache(
     lse_part = torch.empty((n_splits, batch, heads, n_queries), dtype=acc_dtype, device=q.device)
     alibi_arg, alibi_strides = (q, (0, 0)) if alibi is None else (alibi, alibi.stride())
     strides = (_row_strides(q), _row_strides(k_cache), _row_strides(v_cache))
+    qk_scale = scalar_bits(scale * LOG2E if base2 else scale, q.dtype)
     _kvcache_split_kernel[(n_splits, batch, heads_kv * row_blocks)](
         q, k_cache, v_cache, lengths, alibi_arg, o_part, lse_part,
         *strides[0], *strides[1], *strides[2], *alibi_strides,
-        batch, heads, n_queries, group, row_blocks, split_size, scale * LOG2E if base2 else scale,
+        batch, heads, n_queries, group, row_blocks, split_size, qk_scale,
         window_left, window_right,
         HAS_ALIBI=alibi is not None, HAS_WL=window_left >= 0, HAS_WR=window_right >= 0, BASE2=base2,
         HEAD_DIM=head_dim, HEAD_DIM_V=head_dim_v,

@@ -6,8 +6,11 @@ A row that fits one block (N <= MAX_FUSED_N) is read once, several short rows to
 takes a statistics pass (chunk means and squared deviations merged as in Chan et al.) and a write pass.
 
 Backward: a persistent grid of G programs, each walking row blocks pid, pid + G, ... in the forward's
-layout (several short rows at once, a long row in two passes) for dz and grad_x, and grad_weight / grad_bias as per-program partial sums in a (G, N) float32 (float64)
-workspace that one torch sum reduces: no atomics.
+layout (several short rows at once, a long row in two passes) for dz and grad_x, and grad_weight / grad_bias
+as per-program partial sums in a (G, N) float32 (float64) workspace that one torch sum reduces: no atomics.
+
+eps and the dropout factor 1 / (1 - p) arrive as integer bits (triton_kernels/scalars.py), so float64 keeps them
+exactly.
 """
 
 from __future__ import annotations
@@ -21,10 +24,13 @@ from torch import Tensor
 
 from fastattn import backends, reference
 from fastattn.triton_kernels.philox import elementwise_keep_rows
+from fastattn.triton_kernels.scalars import scalar, scalar_bits
 
 MAX_FUSED_N = 8192  # the longest row kept in registers in one pass
 LOOP_BLOCK_N = 4096  # the chunk of a longer row
 MIN_BLOCK_ELEMENTS = 2048  # short rows are packed until a program holds at least this many elements
+# Arguments whose values vary from call to call: never specialised (an int equal to 1 would become a constant).
+DROPOUT_ARGS = ["seed0", "seed1", "threshold", "drop_scale_bits"]
 
 
 def _blocks(n: int) -> tuple[int, int, bool]:
@@ -61,7 +67,7 @@ def _load_z(
     return z, inside
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["eps_bits", *DROPOUT_ARGS])
 def _norm_fwd_kernel(
     X,  # (R, N), row stride s_x, unit stride over N
     RES,  # residual (R, N), row stride s_res (unused without HAS_RES)
@@ -69,12 +75,16 @@ def _norm_fwd_kernel(
     OUT,  # contiguous (R, N)
     Z,  # residual_out = z, contiguous (R, N) (unused without STORE_Z)
     MEAN, RSTD,  # (R,)
-    n_rows, N, s_x, s_res, eps,
-    seed0, seed1, threshold, drop_scale,
+    n_rows, N, s_x, s_res,
+    eps_bits,  # scalar_bits of eps
+    seed0, seed1, threshold,  # dropout: the seed's 32-bit words, floor(p * 2^32)
+    drop_scale_bits,  # scalar_bits of 1 / (1 - p)
     HAS_RES: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, STORE_Z: tl.constexpr,
     RMS: tl.constexpr, DROPOUT: tl.constexpr, SINGLE_PASS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ACC: tl.constexpr,
 ):
+    eps = scalar(eps_bits, ACC)
+    drop_scale = scalar(drop_scale_bits, ACC)
     rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < n_rows
     rows = tl.where(row_ok, rows, 0)
@@ -176,7 +186,7 @@ def _store_dz(
     tl.store(DX + rows[:, None] * N + c[None, :], dz.to(DX.dtype.element_ty), mask=inside)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=DROPOUT_ARGS)
 def _norm_bwd_kernel(
     GO,  # grad_out (R, N), row stride s_go
     GRES,  # grad of residual_out (R, N), row stride s_gres (unused without HAS_GRES)
@@ -186,11 +196,12 @@ def _norm_bwd_kernel(
     DRES,  # grad of the residual input, contiguous (R, N) (unused without HAS_DRES)
     DW_PART, DB_PART,  # (G, N) partial sums of grad_weight / grad_bias, one row per program
     n_rows, N, s_go, s_gres, s_z,
-    seed0, seed1, threshold, drop_scale,
+    seed0, seed1, threshold, drop_scale_bits,  # the forward's dropout arguments
     HAS_GRES: tl.constexpr, HAS_DRES: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
     RMS: tl.constexpr, DROPOUT: tl.constexpr, SINGLE_PASS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ACC: tl.constexpr,
 ):
+    drop_scale = scalar(drop_scale_bits, ACC)
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK_N)
     dw = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC)
@@ -241,11 +252,13 @@ def _norm_bwd_kernel(
             tl.store(DB_PART + pid * N + cols, tl.sum(db, axis=0), mask=inside)
 
 
-def _dropout_args(dropout_p: float, seed: int) -> tuple[int, int, int, float]:
-    """(seed low word, seed high word, threshold floor(p * 2^32), 1 / (1 - p)); zeros without dropout."""
+def _dropout_args(dropout_p: float, seed: int, dtype: torch.dtype) -> tuple[int, int, int, int]:
+    """(seed low word, seed high word, threshold floor(p * 2^32), scalar_bits of 1 / (1 - p)) for ``dtype``
+    inputs; zeros without dropout."""
     if dropout_p == 0.0:
-        return 0, 0, 0, 1.0
-    return seed & 0xFFFFFFFF, (seed >> 32) & 0xFFFFFFFF, int(dropout_p * 2**32), 1.0 / (1.0 - dropout_p)
+        return 0, 0, 0, scalar_bits(1.0, dtype)
+    seed0, seed1 = seed & 0xFFFFFFFF, (seed >> 32) & 0xFFFFFFFF
+    return seed0, seed1, int(dropout_p * 2**32), scalar_bits(1.0 / (1.0 - dropout_p), dtype)
 
 
 def norm_forward(
@@ -273,8 +286,8 @@ def norm_forward(
         x, x if residual is None else residual,
         x if weight is None else weight, x if bias is None else bias,
         out, z if store_z else out, rstd if rms else mean, rstd,
-        n_rows, n, x.stride(0), 0 if residual is None else residual.stride(0), eps,
-        *_dropout_args(dropout_p, seed),
+        n_rows, n, x.stride(0), 0 if residual is None else residual.stride(0), scalar_bits(eps, x.dtype),
+        *_dropout_args(dropout_p, seed, x.dtype),
         HAS_RES=residual is not None, HAS_W=weight is not None, HAS_B=bias is not None, STORE_Z=store_z,
         RMS=rms, DROPOUT=dropout_p > 0.0, SINGLE_PASS=single,
         BLOCK_M=block_m, BLOCK_N=block_n, ACC=_acc(x.dtype), num_warps=_num_warps(block_m * block_n),
@@ -326,7 +339,7 @@ def norm_backward(
             dx, dx if residual_dtype is None else dres,
             dx if weight is None else dw_part, dx if not has_bias else db_part,
             n_rows, n, grad_out.stride(0), 0 if grad_residual is None else grad_residual.stride(0), z.stride(0),
-            *_dropout_args(dropout_p, seed),
+            *_dropout_args(dropout_p, seed, x_dtype),
             HAS_GRES=grad_residual is not None, HAS_DRES=residual_dtype is not None,
             HAS_W=weight is not None, HAS_B=has_bias, RMS=rms, DROPOUT=dropout_p > 0.0, SINGLE_PASS=single,
             BLOCK_M=block_m, BLOCK_N=block_n, ACC=_acc(x_dtype), num_warps=_num_warps(block_m * block_n),

@@ -16,14 +16,13 @@ embedding_scatter: acc[index[n]] += scale * grad[n] with atomics into a float32 
 therefore not bitwise deterministic where several entries share a row.
 
 A program covers BLOCK_M rows x BLOCK_D columns. Dropout is elementwise Philox over the rows of the output
-(csrc/philox.h). Float scalars reach the kernels as the int64 bits of a float64 (``_bits``): Triton passes Python
-floats as float32, which would round scale and log2(base) (and so every angle) for float64 inputs.
+(csrc/philox.h). Float scalars reach the kernels as the int64 bits of a float64 (triton_kernels/scalars.py):
+Triton passes Python floats as float32, which would round scale and log2(base) (and so every angle) for float64.
 """
 
 from __future__ import annotations
 
 import math
-import struct
 from typing import Optional
 
 import torch
@@ -32,23 +31,13 @@ import triton.language as tl
 from torch import Tensor
 
 from fastattn.triton_kernels.philox import elementwise_keep_rows
+from fastattn.triton_kernels.scalars import f64, f64_bits
 
 MIN_BLOCK_ELEMENTS = 2048  # rows are packed until a program holds about this many elements
 MAX_BLOCK_D = 1024  # wider rows are split over programs along D
 PE_NONE, PE_SINUSOID, PE_TABLE = 0, 1, 2
 # Arguments whose values vary from call to call: never specialised (an int equal to 1 would become a constant).
 DROPOUT_ARGS = ["seed0", "seed1", "threshold", "drop_scale_bits"]
-
-
-def _bits(value: float) -> int:
-    """The bits of a float64 as an int64 (decoded in the kernels by ``_f64``)."""
-    return struct.unpack("<q", struct.pack("<d", float(value)))[0]
-
-
-@triton.jit
-def _f64(bits):
-    """The float64 whose bits are the int64 ``bits``."""
-    return bits.to(tl.int64).to(tl.float64, bitcast=True)
 
 
 @triton.jit
@@ -125,23 +114,23 @@ def _positional_add_kernel(
     s = rows - b * S
     inside = row_ok[:, None] & (cols < D)[None, :]
     x = tl.load(X + (b * sxb + s * sxs)[:, None] + cols[None, :], mask=inside, other=0.0)
-    z = x.to(acc) * _f64(scale_bits).to(acc)
+    z = x.to(acc) * f64(scale_bits).to(acc)
     if PE != 0:
         pos = offset + s
         if HAS_OFFSETS:
             pos += tl.load(OFFSETS + b, mask=row_ok, other=0)
         if PE == 1:
             if DOUBLE:
-                z += _sinusoid_f64(pos, cols, D, _f64(log2_base_bits))
+                z += _sinusoid_f64(pos, cols, D, f64(log2_base_bits))
             else:
-                z += _sinusoid_f32(pos, cols, D, _f64(log2_base_bits))
+                z += _sinusoid_f32(pos, cols, D, f64(log2_base_bits))
         else:
             in_table = (pos >= 0) & (pos < table_rows)
             t = tl.load(TABLE + (pos * s_table)[:, None] + cols[None, :], mask=inside & in_table[:, None], other=0.0)
             z += tl.where(in_table[:, None], t.to(acc), float("nan"))  # outside the table: NaN, never a stray read
     if DROPOUT:
         kept = elementwise_keep_rows(b * srb + s * srs, col_start, seed0, seed1, threshold, BLOCK_D)
-        z = tl.where(kept, z * _f64(drop_scale_bits).to(acc), 0.0)
+        z = tl.where(kept, z * f64(drop_scale_bits).to(acc), 0.0)
     tl.store(OUT + (b * sob + s * sos)[:, None] + cols[None, :], z.to(OUT.dtype.element_ty), mask=inside)
 
 
@@ -192,10 +181,10 @@ def _embedding_forward_kernel(
     gather = inside & valid[:, None]
     t = tl.load(TW + (token * s_tw)[:, None] + cols[None, :], mask=gather, other=0.0).to(acc)
     p = tl.load(PW + (pos * s_pw)[:, None] + cols[None, :], mask=gather, other=0.0).to(acc)
-    z = tl.where(valid[:, None], t * _f64(scale_bits).to(acc) + p, float("nan"))  # out of range: NaN
+    z = tl.where(valid[:, None], t * f64(scale_bits).to(acc) + p, float("nan"))  # out of range: NaN
     if DROPOUT:
         kept = elementwise_keep_rows(rows, col_start, seed0, seed1, threshold, BLOCK_D)
-        z = tl.where(kept, z * _f64(drop_scale_bits).to(acc), 0.0)
+        z = tl.where(kept, z * f64(drop_scale_bits).to(acc), 0.0)
     tl.store(OUT + (rows * D)[:, None] + cols[None, :], z.to(OUT.dtype.element_ty), mask=inside)
 
 
@@ -221,7 +210,7 @@ def _embedding_scatter_kernel(
     use = row_ok & (target >= 0) & (target < num_rows) & (target != skip_row)
     mask = use[:, None] & (cols < D)[None, :]
     g = tl.load(GRAD + (rows * s_grad)[:, None] + cols[None, :], mask=mask, other=0.0).to(ACC.dtype.element_ty)
-    g = g * _f64(scale_bits).to(ACC.dtype.element_ty)
+    g = g * f64(scale_bits).to(ACC.dtype.element_ty)
     tl.atomic_add(ACC + (tl.where(use, target, 0) * D)[:, None] + cols[None, :], g, mask=mask)
 
 
@@ -240,7 +229,7 @@ def _blocks(n_rows: int, d: int) -> tuple[int, int, int]:
 def _dropout_args(dropout_p: float, seed: int) -> tuple[int, int, int, int]:
     """(seed low word, seed high word, floor(p * 2^32), bits of 1 / (1 - p))."""
     seed &= 2**64 - 1
-    return seed & 0xFFFFFFFF, seed >> 32, int(dropout_p * 2**32), _bits(1.0 / (1.0 - dropout_p))
+    return seed & 0xFFFFFFFF, seed >> 32, int(dropout_p * 2**32), f64_bits(1.0 / (1.0 - dropout_p))
 
 
 def positional_add(
@@ -272,7 +261,7 @@ def positional_add(
         x.stride(bdim), x.stride(sdim), out.stride(bdim), out.stride(sdim),
         out.stride(bdim) // d, out.stride(sdim) // d,
         0 if table is None else table.stride(0),
-        offset, _bits(scale), _bits(math.log2(base) if sinusoid else 0.0),
+        offset, f64_bits(scale), f64_bits(math.log2(base) if sinusoid else 0.0),
         *_dropout_args(dropout_p, seed),
         PE=pe, HAS_OFFSETS=offsets is not None, DROPOUT=dropout_p > 0.0,
         BLOCK_M=block_m, BLOCK_D=block_d, DOUBLE=x.dtype == torch.float64,
@@ -307,7 +296,7 @@ def embedding_forward(
         token_weight, position_weight, out,
         n_rows, seq, d, token_weight.shape[0], position_weight.shape[0],
         token_weight.stride(0), position_weight.stride(0),
-        offset, _bits(token_scale), *_dropout_args(dropout_p, seed),
+        offset, f64_bits(token_scale), *_dropout_args(dropout_p, seed),
         HAS_POSITIONS=positions is not None, HAS_OFFSETS=offsets is not None, DROPOUT=dropout_p > 0.0,
         BLOCK_M=block_m, BLOCK_D=block_d, DOUBLE=token_weight.dtype == torch.float64,
         num_warps=warps,
@@ -325,7 +314,7 @@ def embedding_scatter(grad: Tensor, index: Tensor, num_rows: int, scale: float, 
         block_m, block_d, warps = _blocks(n, d)
         grid = (triton.cdiv(n, block_m), triton.cdiv(d, block_d))
         _embedding_scatter_kernel[grid](
-            grad, index, acc, n, d, num_rows, grad.stride(0), skip_row, _bits(scale),
+            grad, index, acc, n, d, num_rows, grad.stride(0), skip_row, f64_bits(scale),
             BLOCK_M=block_m, BLOCK_D=block_d, num_warps=warps,
         )  # fmt: skip
     return acc.to(grad.dtype)

@@ -13,7 +13,8 @@ Backward, with y the forward output and g the incoming gradient:
     softmax:      dx_j = scale * y_j * (g_j - sum_k g_k y_k)
     log-softmax:  dx_j = scale * (g_j - exp(y_j) * sum_k g_k),   0 where y_j = -inf
 
-All arithmetic is in float32 (float64 for float64 inputs).
+All arithmetic is in float32 (float64 for float64 inputs); ``scale`` arrives as integer bits
+(triton_kernels/scalars.py), so float64 keeps it exactly.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+
+from fastattn.triton_kernels.scalars import scalar, scalar_bits
 
 MAX_FUSED_N = 16384  # the longest row kept in registers in one pass
 MIN_BLOCK_ELEMENTS = 2048  # short rows are packed until a program holds at least this many elements
@@ -68,7 +71,7 @@ def _scores(
     return tl.where(keep, z, float("-inf"))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["scale_bits"])
 def _softmax_fwd_kernel(
     X,  # input, (D0, D1, D2, N) with strides (sx0, sx1, sx2, 1)
     MASK,  # optional mask, (D0, D1, D2, N) with strides (sm0, sm1, sm2, sm_n); uint8 (nonzero = keep) or float
@@ -76,12 +79,13 @@ def _softmax_fwd_kernel(
     n_rows, N, D1, D2,
     sx0, sx1, sx2,
     sm0, sm1, sm2, sm_n,
-    scale,  # multiplies x before the mask is added
+    scale_bits,  # scalar_bits of the scale that multiplies x before the mask is added
     causal_shift,  # N - D2: row i2 keeps columns j <= i2 + causal_shift
     HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, CAUSAL: tl.constexpr, LOG: tl.constexpr,
     SINGLE_PASS: tl.constexpr,  # the whole row fits one BLOCK_N
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ACC: tl.constexpr,
 ):
+    scale = scalar(scale_bits, ACC)
     rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < n_rows
     rows = tl.where(row_ok, rows, 0)
@@ -157,16 +161,17 @@ def _backward_value(y, g, total, scale, LOG: tl.constexpr):
     return dx * scale
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["scale_bits"])
 def _softmax_bwd_kernel(
     GRAD,  # incoming gradient, (R, N) with strides (s_grad, 1)
     OUT,  # forward output y, contiguous (R, N)
     DX,  # gradient of x, contiguous (R, N)
     n_rows, N, s_grad,
-    scale,
+    scale_bits,  # scalar_bits of the forward's scale
     LOG: tl.constexpr, SINGLE_PASS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ACC: tl.constexpr,
 ):
+    scale = scalar(scale_bits, ACC)
     rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < n_rows
     rows = tl.where(row_ok, rows, 0)
@@ -215,7 +220,7 @@ def softmax_forward(x: Tensor, mask: Optional[Tensor], scale: float, causal: boo
         n_rows, n, d1, d2,
         *x.stride()[:3],
         *mask_strides,
-        scale, n - d2,
+        scalar_bits(scale, x.dtype), n - d2,
         HAS_MASK=mask is not None, MASK_BOOL=mask_bool, CAUSAL=causal, LOG=log,
         SINGLE_PASS=single, BLOCK_M=block_m, BLOCK_N=block_n, ACC=_acc(x.dtype),
         num_warps=_num_warps(block_m * block_n),
@@ -232,7 +237,7 @@ def softmax_backward(grad: Tensor, out: Tensor, scale: float, log: bool) -> Tens
     _softmax_bwd_kernel[grid](
         grad, out, dx,
         n_rows, n, grad.stride(0),
-        scale,
+        scalar_bits(scale, out.dtype),
         LOG=log, SINGLE_PASS=single, BLOCK_M=block_m, BLOCK_N=block_n, ACC=_acc(out.dtype),
         num_warps=_num_warps(block_m * block_n),
     )
