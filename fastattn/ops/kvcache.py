@@ -24,6 +24,7 @@ from fastattn.ops.attention import (
     _check_window,
     _cuda_check,
     _dtype_check,
+    _kernel_alibi,
     _last_dim_unit,
 )
 
@@ -58,6 +59,8 @@ def _attention_kvcache(
     if q.device.type == "cpu" and lengths.numel() > 0:  # keys past every length are never read (no sync on a CPU)
         used = int(lengths.max())
         k_cache, v_cache = k_cache[:, :, :used], v_cache[:, :, :used]
+        if name == "cpu" and q.numel() and used and int(lengths.min()) == used:
+            return _cpu_same_length(q, k_cache, v_cache, alibi, scale, window_left, window_right)
     if name == "reference" or q.numel() == 0 or k_cache.shape[2] == 0:
         out, lse = reference.attention_kvcache(q, k_cache, v_cache, lengths, alibi, scale, window_left, window_right)
         return out.contiguous(), lse.contiguous()
@@ -79,6 +82,23 @@ def _attention_kvcache(
 
 attention_kvcache_op = torch.library.custom_op("fastattn::attention_kvcache", _attention_kvcache, mutates_args=())
 run_attention_kvcache = EagerOp(attention_kvcache_op, _attention_kvcache)
+
+
+def _cpu_same_length(q, k, v, alibi, scale, window_left, window_right):
+    """The C++ kernel when every sequence holds all of k's keys: plain attention with the queries at the last
+    positions (diagonal = keys - queries), no mask to build. One query sees every key, so each kv head's group
+    of query heads can become its queries (read once per group) unless ALiBi or a left window tells them apart."""
+    batch, heads, n, seq = q.shape[0], q.shape[1], q.shape[2], k.shape[2]
+    k, v = _last_dim_unit(k), _last_dim_unit(v)
+    if n == 1 and alibi is None and window_left < 0:
+        group = (batch, k.shape[1], heads // k.shape[1], q.shape[3])
+        out, lse = torch.ops.fastattn_C.attention_forward(
+            _last_dim_unit(q.reshape(group)), k, v, None, None, None, scale, 0, -1, -1, 0.0, 0
+        )
+        return out.reshape(batch, heads, 1, -1), lse.reshape(batch, heads, 1)
+    return torch.ops.fastattn_C.attention_forward(
+        _last_dim_unit(q), k, v, None, None, _kernel_alibi(alibi, q), scale, seq - n, window_left, window_right, 0.0, 0
+    )
 
 
 @attention_kvcache_op.register_fake

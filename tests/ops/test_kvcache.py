@@ -58,6 +58,10 @@ DECODE_CASES = [
     (8, 1, 1, 300, 72, 72, [300, 1], None, False),  # MQA decoding, a long and a 1-key sequence
     (8, 2, 16, 150, 40, 24, [150, 16, 77], (20, 0), True),  # GQA, 16 queries: 64 rows a program
     (6, 6, 3, 90, 64, 64, [0, 45], None, True),  # an empty cache: out 0, lse -inf
+    # every sequence of one length (batched generation): the CPU runs plain attention, no mask
+    (8, 2, 1, 64, 40, 40, [33, 33], None, False),  # one query: each kv head's query group folded
+    (4, 4, 1, 64, 40, 40, [20, 20], (5, 0), False),  # a left window tells the positions apart: not folded
+    (8, 2, 4, 64, 72, 72, [50, 50, 50], (7, 0), True),  # 4 queries, window and ALiBi
 ]
 
 
