@@ -21,6 +21,7 @@ from fastattn.nn import (
 )
 from fastattn.nn.positional import LearnedPositionalEmbedding, SinusoidalPositionalEncoding, TokenAndPositionEmbedding
 from fastattn.ops.attention import attention, scaled_dot_product_attention
+from fastattn.ops.dropout import dropout
 from fastattn.ops.kvcache import attention_with_kvcache
 from fastattn.ops.norm import dropout_add_norm, layer_norm, rms_norm
 from fastattn.ops.positional import (
@@ -56,6 +57,7 @@ __all__ = [
     "backend",
     "backends",
     "convert",
+    "dropout",
     "dropout_add_norm",
     "embedding_with_positions",
     "layer_norm",

@@ -18,6 +18,7 @@ from torch import Tensor
 
 from fastattn.nn.attention import check_mask_dtype
 from fastattn.nn.norm import LayerNorm
+from fastattn.ops.dropout import dropout as fused_dropout
 from fastattn.ops.norm import dropout_add_norm
 
 
@@ -34,8 +35,15 @@ def _add_norm(x: Tensor, residual: Tensor, norm: torch.nn.Module, dropout: torch
     if type(norm) in (torch.nn.LayerNorm, LayerNorm) and len(norm.normalized_shape) == 1:
         p = dropout.p if dropout.training else 0.0
         return dropout_add_norm(x, residual, norm.normalized_shape, norm.weight, norm.bias, eps=norm.eps, dropout_p=p)
-    z = residual + dropout(x)
+    z = residual + _dropout(x, dropout)
     return norm(z), z
+
+
+def _dropout(x: Tensor, dropout: torch.nn.Module) -> Tensor:
+    """``dropout(x)``, through :func:`fastattn.dropout` (Philox in the kernel, no stored mask) for a torch Dropout."""
+    if type(dropout) is torch.nn.Dropout and not dropout.inplace:
+        return fused_dropout(x, dropout.p, dropout.training)
+    return dropout(x)
 
 
 def _feed_forward(layer: torch.nn.Module, x: Tensor) -> Tensor:
@@ -44,7 +52,7 @@ def _feed_forward(layer: torch.nn.Module, x: Tensor) -> Tensor:
     h = layer.linear1(x)
     relu = layer.activation is torch.nn.functional.relu or isinstance(layer.activation, torch.nn.ReLU)
     h = torch.relu_(h) if relu and not torch.is_grad_enabled() else layer.activation(h)
-    return layer.linear2(layer.dropout(h))
+    return layer.linear2(_dropout(h, layer.dropout))
 
 
 class TransformerEncoderLayer(torch.nn.TransformerEncoderLayer):
@@ -73,7 +81,7 @@ class TransformerEncoderLayer(torch.nn.TransformerEncoderLayer):
             h = self.norm1(x)
             h, x = _add_norm(self._sa_block(h, src_mask, src_key_padding_mask, is_causal), x, self.norm2,
                              self.dropout1)  # fmt: skip
-            return x + self.dropout2(_feed_forward(self, h))
+            return x + _dropout(_feed_forward(self, h), self.dropout2)
         x = _add_norm(self._sa_block(x, src_mask, src_key_padding_mask, is_causal), x, self.norm1, self.dropout1)[0]
         return _add_norm(_feed_forward(self, x), x, self.norm2, self.dropout2)[0]
 
@@ -111,7 +119,7 @@ class TransformerDecoderLayer(torch.nn.TransformerDecoderLayer):
                              self.dropout1)  # fmt: skip
             h, x = _add_norm(self._mha_block(h, memory, memory_mask, memory_key_padding_mask, memory_is_causal), x,
                              self.norm3, self.dropout2)  # fmt: skip
-            return x + self.dropout3(_feed_forward(self, h))
+            return x + _dropout(_feed_forward(self, h), self.dropout3)
         x = _add_norm(self._sa_block(x, tgt_mask, tgt_key_padding_mask, tgt_is_causal), x, self.norm1,
                       self.dropout1)[0]  # fmt: skip
         x = _add_norm(self._mha_block(x, memory, memory_mask, memory_key_padding_mask, memory_is_causal), x,
