@@ -54,11 +54,12 @@ def _needs_grad(args) -> bool:
 
 
 def _autograd_function(impl: Callable, setup_context: Callable, backward: Callable) -> type[torch.autograd.Function]:
-    def forward(ctx, *args):
-        output = impl(*args)
-        setup_context(ctx, args, output)
-        return output
+    """A Function with a separate ``setup_context``, as torch.func transforms (grad, jacrev) require."""
+
+    def forward(*args):
+        return impl(*args)
 
     name = f"{impl.__name__.strip('_').title().replace('_', '')}Function"
-    methods = {"forward": staticmethod(forward), "backward": staticmethod(backward)}
+    methods = {n: staticmethod(f) for n, f in (("forward", forward), ("setup_context", setup_context),
+                                               ("backward", backward))}  # fmt: skip
     return type(name, (torch.autograd.Function,), methods)
