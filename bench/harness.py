@@ -211,13 +211,16 @@ def _quantiles(times_ms: list[float]) -> Timing:
 class CpuTimer:
     """``time.perf_counter`` around each call: one warm-up call, then calls until ``budget_s`` has passed
     and at least ``min_reps`` ran (at most ``max_reps``). Caches are not flushed: keep inputs larger than
-    the last-level cache when that matters."""
+    the last-level cache when that matters. :func:`run_case` interleaves a case's providers through
+    :meth:`rounds`, so that a slow drift of the machine falls on all of them alike."""
+
+    interleaves = True
 
     def __init__(self, budget_s: float, min_reps: int, max_reps: int = 500):
         self.budget_s, self.min_reps, self.max_reps = budget_s, min_reps, max_reps
         self.description = (
-            f"time.perf_counter, a first call and a warm-up call, then calls for {budget_s:g} s "
-            f"({min_reps} to {max_reps} of them); caches not flushed"
+            f"time.perf_counter, a first call and a warm-up call, then the providers of a case in turn, one call "
+            f"each, for {budget_s:g} s per provider ({min_reps} to {max_reps} calls each); caches not flushed"
         )
 
     def once_ms(self, fn: Callable[[], object]) -> float:
@@ -230,12 +233,34 @@ class CpuTimer:
         return None
 
     def __call__(self, fn: Callable[[], object]) -> Timing:
-        fn()
-        times_ms: list[float] = []
-        deadline = time.perf_counter() + self.budget_s
-        while len(times_ms) < self.min_reps or (time.perf_counter() < deadline and len(times_ms) < self.max_reps):
-            times_ms.append(self.once_ms(fn))
-        return _quantiles(times_ms)
+        return self.rounds({"": (fn, contextlib.nullcontext)})[""]
+
+    def rounds(self, calls: dict[str, tuple[Callable[[], object], Callable]]) -> dict[str, Timing | Exception]:
+        """Times ``fn()`` (inside ``context()``) of every ``name: (fn, context)`` in turn, round after round,
+        after one warm-up call each; a call that raises drops its provider (its value is the exception)."""
+        results: dict[str, Timing | Exception] = {}
+        times: dict[str, list[float]] = {}
+        for name, (fn, context) in calls.items():
+            try:
+                with context():
+                    fn()
+                times[name] = []
+            except Exception as error:  # noqa: BLE001 - reported by the caller
+                results[name] = error
+        deadline = time.perf_counter() + self.budget_s * max(len(times), 1)
+        reps = 0
+        while times and (reps < self.min_reps or (time.perf_counter() < deadline and reps < self.max_reps)):
+            for name in list(times):
+                fn, context = calls[name]
+                try:
+                    with context():
+                        times[name].append(self.once_ms(fn))
+                except Exception as error:  # noqa: BLE001
+                    results[name] = error
+                    del times[name]
+            reps += 1
+        results.update((name, _quantiles(ms)) for name, ms in times.items())
+        return results
 
 
 class GpuTimer:
@@ -324,13 +349,45 @@ def run_case(
     """Time every provider of ``case`` but those named in ``skip``; returns one row (a dict with
     :data:`COLUMNS`) per provider."""
     torch.manual_seed(0)
-    rows = []
+    interleave = getattr(timer, "interleaves", False)
+    providers, outcomes = [], []
     for provider in case.providers():
-        on_provider(provider.name)
         if provider.name in skip:
             provider = Provider(provider.name, skipped="not timed in this run (--skip)")
-        rows.append(to_row(case, measure(provider, timer), environment))
-    return rows
+        if interleave:
+            providers.append(provider)  # timed together below
+        else:
+            on_provider(provider.name)
+            outcomes.append(measure(provider, timer))
+    if interleave:
+        on_provider(", ".join(p.name for p in providers))
+        outcomes = measure_interleaved(providers, timer)
+    return [to_row(case, outcome, environment) for outcome in outcomes]
+
+
+def measure_interleaved(providers: list[Provider], timer) -> list[Outcome]:
+    """Each provider's first call timed apart (where torch.compile compiles), then all of them timed in turn
+    by ``timer.rounds``; a provider that raises is reported as skipped with the error."""
+    first_ms: dict[str, float] = {}
+    failed: dict[str, Exception] = {}
+    for provider in providers:
+        if provider.skipped is None:
+            try:
+                with provider.context():
+                    first_ms[provider.name] = timer.once_ms(provider.fn)
+            except Exception as error:  # noqa: BLE001 - any failure of a provider is reported, not fatal
+                failed[provider.name] = error
+    timings = timer.rounds({p.name: (p.fn, p.context) for p in providers if p.name in first_ms})
+    outcomes = []
+    for provider in providers:
+        result = failed.get(provider.name, timings.get(provider.name))
+        if provider.skipped is not None:
+            outcomes.append(Outcome(provider.name, reason=provider.skipped))
+        elif isinstance(result, Exception):
+            outcomes.append(Outcome(provider.name, reason=f"failed: {_describe(result)}"))
+        else:
+            outcomes.append(Outcome(provider.name, result, first_ms[provider.name]))
+    return outcomes
 
 
 def to_row(case: Case, outcome: Outcome, environment: dict) -> dict:

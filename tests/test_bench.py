@@ -93,3 +93,14 @@ def test_target_verdict_reports_a_miss():
     target = harness.Target("cpu", ("forward",), ("fastattn-cpu",), "all", lambda row: True, {"torch": 1.0})
     (line,) = report.target_lines(rows, [target], {"device_type": "cpu", "device": "cpu"})
     assert "0.50x torch (>= 1.00x: missed)" in line
+
+
+def test_cpu_timer_interleaves_the_providers_of_a_case():
+    calls = []
+    providers = lambda: (harness.Provider(name, lambda name=name: calls.append(name)) for name in "ab")  # noqa: E731
+    case = harness.Case(op="toy", mode="forward", shape=(1,), dtype=torch.float32, x_label="N", x_value=1,
+                        providers=providers)  # fmt: skip
+    environment = dict.fromkeys(harness.COLUMNS, "")
+    rows = harness.run_case(case, harness.CpuTimer(budget_s=0.001, min_reps=4), environment)
+    assert [row["status"] for row in rows] == ["ok", "ok"] and all(row["reps"] >= 4 for row in rows)
+    assert len(calls) >= 2 * (2 + 4) and calls == ["a", "b"] * (len(calls) // 2)  # first, warm-up, rounds
