@@ -602,3 +602,211 @@ def embedding_scatter(grad: Tensor, index: Tensor, num_rows: int, scale: float =
     if skip_row >= 0:
         out[skip_row] = 0
     return out.to(grad.dtype)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Recurrent cells and layers: LSTM, GRU, tanh/ReLU RNN (torch.nn's semantics) and the LayerNorm-LSTM.
+# Kinds: "lstm", "gru", "rnn_tanh", "rnn_relu", "layernorm_lstm"; H = hidden size, P = the size of h (the
+# LSTM's proj_size, else H). Each cell takes the step's input projection, computed for all steps at once.
+# ---------------------------------------------------------------------------------------------------------
+
+RECURRENT_GATES = {"lstm": 4, "gru": 3, "rnn_tanh": 1, "rnn_relu": 1, "layernorm_lstm": 4}
+RECURRENT_PARAMS = (
+    "weight_ih", "weight_hh", "bias_ih", "bias_hh", "weight_hr",
+    "norm_ih_weight", "norm_ih_bias", "norm_hh_weight", "norm_hh_bias", "norm_c_weight", "norm_c_bias",
+)  # fmt: skip
+
+
+def _linear(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+    out = x @ weight.t()
+    return out if bias is None else out + bias
+
+
+def lstm_cell(
+    x_proj: Tensor, h: Tensor, c: Tensor, w_hh: Tensor, b_hh: Optional[Tensor] = None, w_hr: Optional[Tensor] = None
+) -> tuple[Tensor, Tensor]:
+    """One torch.nn.LSTM step, gates in the order (i, f, g, o); returns (h', c').
+
+    x_proj: (batch, 4H) = x_t W_ih^T + b_ih; h: (batch, P); c: (batch, H); w_hh: (4H, P); b_hh: (4H,) or None;
+    w_hr: (P, H) or None. c' = σ(f) c + σ(i) tanh(g); h' = σ(o) tanh(c'), times w_hr^T when given.
+    """
+    i, f, g, o = (x_proj + _linear(h, w_hh, b_hh)).chunk(4, dim=-1)
+    c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+    h = torch.sigmoid(o) * torch.tanh(c)
+    return (h if w_hr is None else h @ w_hr.t()), c
+
+
+def gru_cell(x_proj: Tensor, h: Tensor, w_hh: Tensor, b_hh: Optional[Tensor] = None) -> Tensor:
+    """One torch.nn.GRU step, gates in the order (r, z, n); returns h'.
+
+    x_proj: (batch, 3H) = x_t W_ih^T + b_ih; h: (batch, H); w_hh: (3H, H); b_hh: (3H,) or None.
+    r = σ(x_r + hh_r), z = σ(x_z + hh_z), n = tanh(x_n + r hh_n) with hh = h W_hh^T + b_hh (so b_hn is inside
+    r's product); h' = (1 - z) n + z h.
+    """
+    x_r, x_z, x_n = x_proj.chunk(3, dim=-1)
+    h_r, h_z, h_n = _linear(h, w_hh, b_hh).chunk(3, dim=-1)
+    r = torch.sigmoid(x_r + h_r)
+    z = torch.sigmoid(x_z + h_z)
+    n = torch.tanh(x_n + r * h_n)
+    return (1 - z) * n + z * h
+
+
+def rnn_cell(
+    x_proj: Tensor, h: Tensor, w_hh: Tensor, b_hh: Optional[Tensor] = None, nonlinearity: str = "tanh"
+) -> Tensor:
+    """One torch.nn.RNN step: h' = act(x_proj + h W_hh^T + b_hh), act = tanh or relu.
+
+    x_proj: (batch, H) = x_t W_ih^T + b_ih; h: (batch, H); w_hh: (H, H); b_hh: (H,) or None."""
+    if nonlinearity not in ("tanh", "relu"):
+        raise ValueError(f"nonlinearity must be 'tanh' or 'relu', got {nonlinearity!r}")
+    z = x_proj + _linear(h, w_hh, b_hh)
+    return torch.tanh(z) if nonlinearity == "tanh" else torch.relu(z)
+
+
+def _maybe_norm(x: Tensor, affine: Optional[tuple[Optional[Tensor], Optional[Tensor]]], eps: float) -> Tensor:
+    """LayerNorm of x over its last dim with affine = (weight or None, bias or None); x itself when None."""
+    return x if affine is None else norm(x, weight=affine[0], bias=affine[1], eps=eps)[0]
+
+
+def layer_norm_lstm_cell(
+    x_proj: Tensor,
+    h: Tensor,
+    c: Tensor,
+    w_hh: Tensor,
+    bias: Optional[Tensor],
+    norm_ih: Optional[tuple[Optional[Tensor], Optional[Tensor]]],
+    norm_hh: Optional[tuple[Optional[Tensor], Optional[Tensor]]],
+    norm_c: Optional[tuple[Optional[Tensor], Optional[Tensor]]],
+    w_hr: Optional[Tensor] = None,
+    eps: float = 1e-5,
+) -> tuple[Tensor, Tensor]:
+    """One LayerNorm-LSTM step as in Ba, Kiros & Hinton 2016 ("Layer Normalization", supplementary,
+    layer-normalised LSTM), with torch.nn's gate order (i, f, g, o); returns (h', c').
+
+        gates = LN_ih(x_proj) + LN_hh(h W_hh^T) + bias
+        c'    = σ(f) c + σ(i) tanh(g)                     (carried un-normalised)
+        h'    = σ(o) tanh(LN_c(c')), times w_hr^T when given
+
+    LN_ih and LN_hh normalise all 4H gate pre-activations of a row together (one mean and variance, not one
+    per gate); LN_c normalises the H cells; each with ``eps`` and then its affine pair (weight, bias), either
+    of which may be None. A norm given as None is skipped: with all three None this is :func:`lstm_cell` with
+    b_ih moved into ``bias``.
+    x_proj: (batch, 4H) = x_t W_ih^T (no bias: the norm would not commute with it); h: (batch, P);
+    c: (batch, H); w_hh: (4H, P); bias: (4H,) (b_ih + b_hh, Ba et al.'s b) or None; norm_ih, norm_hh
+    weights and biases (4H,); norm_c's (H,); w_hr: (P, H) or None.
+    """
+    gates = _maybe_norm(x_proj, norm_ih, eps) + _maybe_norm(h @ w_hh.t(), norm_hh, eps)
+    i, f, g, o = (gates if bias is None else gates + bias).chunk(4, dim=-1)
+    c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+    h = torch.sigmoid(o) * torch.tanh(_maybe_norm(c, norm_c, eps))
+    return (h if w_hr is None else h @ w_hr.t()), c
+
+
+def _recurrent_step(
+    kind: str, x_proj: Tensor, h: Tensor, c: Optional[Tensor], w: dict, eps: float
+) -> tuple[Tensor, Optional[Tensor]]:
+    """One step of any kind: (h', c'), c' None for the GRU and RNNs."""
+    if kind == "lstm":
+        return lstm_cell(x_proj, h, c, w["weight_hh"], w["bias_hh"], w["weight_hr"])
+    if kind == "layernorm_lstm":
+        bias = [b for b in (w["bias_ih"], w["bias_hh"]) if b is not None]
+        norms = [(w[f"norm_{n}_weight"], w[f"norm_{n}_bias"]) for n in ("ih", "hh", "c")]
+        return layer_norm_lstm_cell(x_proj, h, c, w["weight_hh"], sum(bias) if bias else None, *norms,
+                                    w_hr=w["weight_hr"], eps=eps)  # fmt: skip
+    if kind == "gru":
+        return gru_cell(x_proj, h, w["weight_hh"], w["bias_hh"]), None
+    return rnn_cell(x_proj, h, w["weight_hh"], w["bias_hh"], kind[len("rnn_") :]), None
+
+
+def recurrent_layer(
+    kind: str,
+    x: Tensor,
+    h0: Tensor,
+    c0: Optional[Tensor],
+    weights: dict,
+    lengths: Optional[Tensor] = None,
+    reverse: bool = False,
+    eps: float = 1e-5,
+) -> tuple[Tensor, Tensor, Optional[Tensor]]:
+    """One direction of one layer over time; returns (output (seq, batch, P), h_n (batch, P), c_n (batch, H) or
+    None for the GRU and RNNs).
+
+    kind: a key of RECURRENT_GATES; x: (seq, batch, input); h0: (batch, P); c0: (batch, H) for the LSTMs, else
+    None; weights: this layer and direction's parameters by the names of RECURRENT_PARAMS (torch.nn's without
+    the ``_l{k}[_reverse]`` suffix; a missing or None entry means none). The input projections of all steps are
+    one matmul (bias_ih included, except for layernorm_lstm, which adds it after the norms). ``reverse`` runs
+    from the last step. lengths: None or (batch,) ints: sequence b updates its state only at steps
+    t < lengths[b] (so a reverse pass starts at its own last step) and outputs zeros elsewhere, as torch.nn on
+    a packed sequence, padded back by pad_packed_sequence.
+    """
+    w = {name: weights.get(name) for name in RECURRENT_PARAMS}
+    x_proj = _linear(x, w["weight_ih"], None if kind == "layernorm_lstm" else w["bias_ih"])  # (seq, batch, G*H)
+    live = None if lengths is None else torch.as_tensor(lengths, device=x.device)[:, None]  # (batch, 1)
+    h, c = h0, c0
+    out = [h0] * x.shape[0]
+    for t in reversed(range(x.shape[0])) if reverse else range(x.shape[0]):
+        h_new, c_new = _recurrent_step(kind, x_proj[t], h, c, w, eps)
+        if live is None:
+            h, c, out[t] = h_new, c_new, h_new
+        else:
+            step_live = t < live
+            h = torch.where(step_live, h_new, h)
+            c = None if c is None else torch.where(step_live, c_new, c)
+            out[t] = torch.where(step_live, h_new, 0.0)
+    return torch.stack(out), h, c
+
+
+def recurrent(
+    kind: str,
+    x: Tensor,
+    hx: Optional[Tensor | tuple[Tensor, Tensor]],
+    params: dict,
+    num_layers: int = 1,
+    bidirectional: bool = False,
+    batch_first: bool = False,
+    lengths: Optional[Tensor] = None,
+    dropout_mask: Optional[list[Tensor]] = None,
+    dropout_p: float = 0.0,
+    eps: float = 1e-5,
+) -> tuple[Tensor, Tensor | tuple[Tensor, Tensor]]:
+    """A stack of recurrent layers as torch.nn.LSTM / GRU / RNN (and the LayerNorm-LSTM); returns
+    (output, h_n), or (output, (h_n, c_n)) for the LSTMs, in x's dtype.
+
+    x: (seq, batch, input), or (batch, seq, input) when batch_first; hx: None (zeros), h0, or (h0, c0) for the
+    LSTMs with h0: (L*D, batch, P), c0: (L*D, batch, H), L = num_layers, D = 2 if bidirectional, rows ordered
+    layer-major then direction. params: torch.nn's names and layouts, e.g. dict(module.named_parameters()):
+    ``weight_ih_l{k}``, ``weight_hh_l{k}``, ``bias_ih_l{k}``, ``bias_hh_l{k}`` (absent: no bias),
+    ``weight_hr_l{k}`` (present: the LSTM projection, P = proj_size), ``norm_{ih,hh,c}_{weight,bias}_l{k}``
+    (layernorm_lstm), each with ``_reverse`` appended for the backward direction. Layer k > 0 reads layer
+    k - 1's output, the directions concatenated (forward first). dropout_mask: None or num_layers - 1 bool
+    tensors shaped like output (True = keep, kept values scaled by 1 / (1 - dropout_p)), applied to the output
+    of every layer but the last. lengths: see :func:`recurrent_layer`. output: (seq, batch, D*P), batch first
+    when batch_first; h_n: (L*D, batch, P); c_n: (L*D, batch, H).
+    """
+    if kind not in RECURRENT_GATES:
+        raise ValueError(f"kind must be one of {sorted(RECURRENT_GATES)}, got {kind!r}")
+    lstm = RECURRENT_GATES[kind] == 4
+    x = x.transpose(0, 1) if batch_first else x  # (seq, batch, input)
+    dirs = 2 if bidirectional else 1
+    h0, c0 = (hx if lstm else (hx, None)) if hx is not None else (None, None)
+    w_hh = params["weight_hh_l0"]  # (G*H, P)
+    if h0 is None:
+        h0 = x.new_zeros(num_layers * dirs, x.shape[1], w_hh.shape[1])
+    if lstm and c0 is None:
+        c0 = x.new_zeros(num_layers * dirs, x.shape[1], w_hh.shape[0] // 4)
+    h_n, c_n = [], []
+    for layer in range(num_layers):
+        outputs = []
+        for d in range(dirs):
+            suffix, k = f"_l{layer}" + ("_reverse" if d else ""), layer * dirs + d
+            weights = {name: params.get(name + suffix) for name in RECURRENT_PARAMS}
+            out, h, c = recurrent_layer(kind, x, h0[k], c0[k] if lstm else None, weights, lengths, d == 1, eps)
+            outputs.append(out)
+            h_n.append(h)
+            c_n.append(c)
+        x = torch.cat(outputs, dim=-1)  # (seq, batch, D*P)
+        if dropout_mask is not None and layer < num_layers - 1:
+            keep = dropout_mask[layer].transpose(0, 1) if batch_first else dropout_mask[layer]
+            x = x * keep * (1.0 / (1.0 - dropout_p))
+    output = x.transpose(0, 1) if batch_first else x
+    return (output, (torch.stack(h_n), torch.stack(c_n))) if lstm else (output, torch.stack(h_n))
