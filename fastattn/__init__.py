@@ -8,7 +8,11 @@ from fastattn import backends, reference
 from fastattn.backends import BackendError, backend, record
 from fastattn.convert import convert
 from fastattn.nn import (
+    GRU,
+    LSTM,
+    RNN,
     LayerNorm,
+    LayerNormLSTM,
     MultiheadAttention,
     RMSNorm,
     RotaryEmbedding,
@@ -19,8 +23,10 @@ from fastattn.nn import (
     TransformerEncoder,
     TransformerEncoderLayer,
 )
+from fastattn.nn.conv import ConvBNAct, FusedConv2d
 from fastattn.nn.positional import LearnedPositionalEmbedding, SinusoidalPositionalEncoding, TokenAndPositionEmbedding
 from fastattn.ops.attention import attention, scaled_dot_product_attention
+from fastattn.ops.conv_epilogue import conv_epilogue
 from fastattn.ops.dropout import dropout
 from fastattn.ops.kvcache import attention_with_kvcache
 from fastattn.ops.norm import dropout_add_norm, layer_norm, rms_norm
@@ -37,10 +43,16 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BackendError",
+    "ConvBNAct",
+    "FusedConv2d",
+    "GRU",
+    "LSTM",
     "LayerNorm",
+    "LayerNormLSTM",
     "LearnedPositionalEmbedding",
     "MultiheadAttention",
     "RMSNorm",
+    "RNN",
     "RotaryEmbedding",
     "SinusoidalPositionalEncoding",
     "Softmax",
@@ -56,6 +68,7 @@ __all__ = [
     "attention_with_kvcache",
     "backend",
     "backends",
+    "conv_epilogue",
     "convert",
     "dropout",
     "dropout_add_norm",

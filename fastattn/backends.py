@@ -197,6 +197,8 @@ def select(op: str, device: torch.device, checks: dict[str, Check], *args) -> st
             reason = checks[name](*args) if name in checks else f"{op} has no {name} kernel"
             refused = refused or reason is not None
         if reason is None:
+            if torch.compiler.is_compiling():  # a traced selection reports nothing: no side effects in graphs
+                return name
             if _recorders.get() or logger.isEnabledFor(logging.INFO if refused else logging.DEBUG):
                 _report(Dispatch(op, name, skipped), refused)
             return name

@@ -14,6 +14,7 @@ import torch
 
 from fastattn.nn.attention import MultiheadAttention
 from fastattn.nn.norm import LayerNorm, RMSNorm
+from fastattn.nn.recurrent import GRU, LSTM, RNN, LayerNormLSTM
 from fastattn.nn.softmax import Softmax
 from fastattn.nn.transformer import (
     Transformer,
@@ -34,14 +35,16 @@ DROP_INS: dict[type, type] = {
     torch.nn.LayerNorm: LayerNorm,
     torch.nn.RMSNorm: RMSNorm,
     torch.nn.Softmax: Softmax,
+    torch.nn.LSTM: LSTM,
+    torch.nn.GRU: GRU,
+    torch.nn.RNN: RNN,
 }
 
-# torch.nn classes fastattn has no drop-in for yet, and why they are left.
-NOT_YET = {
-    torch.nn.LSTM: "fastattn has no LSTM drop-in yet",
-    torch.nn.GRU: "fastattn has no GRU drop-in yet",
-    torch.nn.RNN: "fastattn has no RNN drop-in yet",
-}
+# torch.nn classes fastattn has no drop-in for yet, and why they are left (none at present).
+NOT_YET: dict[type, str] = {}
+
+# fastattn's own modules that subclass a torch.nn class but are no drop-in (they add parameters): never reported.
+OWN_MODULES = (LayerNormLSTM,)
 
 
 @dataclass
@@ -63,12 +66,14 @@ class Report:
 
 def convert(model: torch.nn.Module) -> Report:
     """Replace, in place, every torch.nn MultiheadAttention, Transformer (and its encoder, decoder and layers),
-    LayerNorm, RMSNorm and Softmax in ``model`` (the model itself included) with its fastattn drop-in.
+    LayerNorm, RMSNorm, Softmax, LSTM, GRU and RNN in ``model`` (the model itself included) with its fastattn
+    drop-in.
 
     Returns a :class:`Report` (``print`` it) of what was replaced, and of the modules left as they were and why:
     subclasses of those torch.nn classes (their own code may rely on torch's forward), TorchScript modules,
-    and kinds fastattn has no drop-in for yet (LSTM, GRU, RNN). Outputs are unchanged within the error-ratio
-    rule, except where the drop-in's docstring says otherwise (e.g. dropout draws its own random numbers).
+    and kinds fastattn has no drop-in for yet (listed in ``NOT_YET``). Outputs are unchanged within the
+    error-ratio rule, except where the drop-in's docstring says otherwise (e.g. dropout, in the attention and
+    between recurrent layers, draws its own random numbers).
     """
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"fastattn.convert: model must be a torch.nn.Module, got {type(model).__name__}")
@@ -88,7 +93,7 @@ def convert(model: torch.nn.Module) -> Report:
 def _why_left(module: torch.nn.Module) -> Optional[str]:
     """Why convert leaves a module of a kind it knows as it is; None for any other module."""
     cls = type(module)
-    if cls in DROP_INS.values():
+    if cls in DROP_INS.values() or isinstance(module, OWN_MODULES):
         return None  # already fastattn's
     if isinstance(module, torch.jit.ScriptModule):
         return "a TorchScript module cannot be changed"

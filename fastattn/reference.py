@@ -4,7 +4,7 @@ float64, the ground truth of the tests. Differentiable with autograd.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor
@@ -768,6 +768,8 @@ def recurrent(
     dropout_mask: Optional[list[Tensor]] = None,
     dropout_p: float = 0.0,
     eps: float = 1e-5,
+    layer_fn: Optional[Callable] = None,
+    between: Optional[Callable[[Tensor, int], Tensor]] = None,
 ) -> tuple[Tensor, Tensor | tuple[Tensor, Tensor]]:
     """A stack of recurrent layers as torch.nn.LSTM / GRU / RNN (and the LayerNorm-LSTM); returns
     (output, h_n), or (output, (h_n, c_n)) for the LSTMs, in x's dtype.
@@ -782,10 +784,14 @@ def recurrent(
     tensors shaped like output (True = keep, kept values scaled by 1 / (1 - dropout_p)), applied to the output
     of every layer but the last. lengths: see :func:`recurrent_layer`. output: (seq, batch, D*P), batch first
     when batch_first; h_n: (L*D, batch, P); c_n: (L*D, batch, H).
+
+    layer_fn (default :func:`recurrent_layer`) runs one layer and direction, and between(x (seq, batch, D*P),
+    layer) replaces dropout_mask: fastattn.ops.recurrent drives its kernels and dropout through this loop.
     """
     if kind not in RECURRENT_GATES:
         raise ValueError(f"kind must be one of {sorted(RECURRENT_GATES)}, got {kind!r}")
     lstm = RECURRENT_GATES[kind] == 4
+    layer_fn = layer_fn or recurrent_layer
     x = x.transpose(0, 1) if batch_first else x  # (seq, batch, input)
     dirs = 2 if bidirectional else 1
     h0, c0 = (hx if lstm else (hx, None)) if hx is not None else (None, None)
@@ -800,13 +806,91 @@ def recurrent(
         for d in range(dirs):
             suffix, k = f"_l{layer}" + ("_reverse" if d else ""), layer * dirs + d
             weights = {name: params.get(name + suffix) for name in RECURRENT_PARAMS}
-            out, h, c = recurrent_layer(kind, x, h0[k], c0[k] if lstm else None, weights, lengths, d == 1, eps)
+            out, h, c = layer_fn(kind, x, h0[k], c0[k] if lstm else None, weights, lengths, d == 1, eps)
             outputs.append(out)
             h_n.append(h)
             c_n.append(c)
-        x = torch.cat(outputs, dim=-1)  # (seq, batch, D*P)
-        if dropout_mask is not None and layer < num_layers - 1:
+        x = outputs[0] if dirs == 1 else torch.cat(outputs, dim=-1)  # (seq, batch, D*P)
+        if between is not None and layer < num_layers - 1:
+            x = between(x, layer)
+        elif dropout_mask is not None and layer < num_layers - 1:
             keep = dropout_mask[layer].transpose(0, 1) if batch_first else dropout_mask[layer]
             x = x * keep * (1.0 / (1.0 - dropout_p))
     output = x.transpose(0, 1) if batch_first else x
     return (output, (torch.stack(h_n), torch.stack(c_n))) if lstm else (output, torch.stack(h_n))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Convolution epilogue: out = maxpool2x2(act(y + bias[c])) on a convolution's output y (N, C, H, W).
+# ---------------------------------------------------------------------------------------------------------
+
+CONV_ACTIVATIONS = ("none", "relu", "gelu", "gelu_tanh", "silu")
+GELU_TANH_CUBIC = 0.044715  # u = sqrt(2 / pi) * (z + 0.044715 z^3) in the tanh approximation of GELU
+
+
+def conv_activation(z: Tensor, activation: str) -> Tensor:
+    """act(z) for a name of CONV_ACTIVATIONS: identity, ReLU, GELU (exact, ``z * Phi(z)``), GELU with the tanh
+    approximation (``0.5 z (1 + tanh(u))``), SiLU (``z * sigmoid(z)``)."""
+    if activation == "none":
+        return z
+    if activation == "relu":
+        return torch.relu(z)
+    if activation in ("gelu", "gelu_tanh"):
+        return torch.nn.functional.gelu(z, approximate="tanh" if activation == "gelu_tanh" else "none")
+    if activation == "silu":
+        return torch.nn.functional.silu(z)
+    raise ValueError(f"activation must be one of {CONV_ACTIVATIONS}, got {activation!r}")
+
+
+def conv_activation_backward(z: Tensor, grad: Tensor, activation: str) -> Tensor:
+    """``grad * act'(z)``, written out (tested against autograd); ReLU gives 0 where z <= 0 and passes grad elsewhere
+    (also at NaN), as torch's ReLU backward does."""
+    if activation == "none":
+        return grad
+    if activation == "relu":
+        return torch.where(z <= 0, torch.zeros_like(grad), grad)
+    if activation == "gelu":
+        pdf = torch.exp(-0.5 * z * z) / (2 * torch.pi) ** 0.5
+        return grad * (0.5 * (1 + torch.erf(z * 0.5**0.5)) + z * pdf)
+    if activation == "gelu_tanh":
+        k = (2 / torch.pi) ** 0.5
+        t = torch.tanh(k * (z + GELU_TANH_CUBIC * z**3))
+        return grad * (0.5 * (1 + t) + 0.5 * z * (1 - t * t) * k * (1 + 3 * GELU_TANH_CUBIC * z * z))
+    if activation == "silu":
+        s = torch.sigmoid(z)
+        return grad * s * (1 + z * (1 - s))
+    raise ValueError(f"activation must be one of {CONV_ACTIVATIONS}, got {activation!r}")
+
+
+def _conv_bias_add(y: Tensor, bias: Optional[Tensor], upcast: bool) -> Tensor:
+    z = y.to(compute_dtype(y.dtype)) if upcast else y
+    return z if bias is None else z + bias.to(z.dtype).view(1, -1, 1, 1)
+
+
+def conv_epilogue(
+    y: Tensor, bias: Optional[Tensor] = None, activation: str = "relu", pool: bool = False, upcast: bool = True
+) -> Tensor:
+    """``maxpool2x2(act(y + bias[c]))`` of y (N, C, H, W); returns y's dtype.
+
+    bias: None or (C,). pool: ``F.max_pool2d(a, 2)``: 2x2 windows, stride 2, output (N, C, H // 2, W // 2), the
+    first maximum in window order (or a NaN) wins. Computed in :func:`compute_dtype`, or in y's dtype when not
+    ``upcast`` (the unfused torch.nn sequence, the tests' baseline).
+    """
+    a = conv_activation(_conv_bias_add(y, bias, upcast), activation)
+    return (torch.nn.functional.max_pool2d(a, 2) if pool else a).to(y.dtype)
+
+
+def conv_epilogue_backward(
+    grad: Tensor, y: Tensor, bias: Optional[Tensor], activation: str, pool: bool
+) -> Tensor:
+    """The gradient of :func:`conv_epilogue` with respect to y (and to ``y + bias``), in :func:`compute_dtype`:
+    grad (N, C, H', W') times act'(z) at the element each output came from (max_pool2d's indices), 0 elsewhere
+    (also where act'(z) is NaN)."""
+    z = _conv_bias_add(y, bias, upcast=True)
+    g = grad.to(z.dtype)
+    if not pool:
+        return conv_activation_backward(z, g, activation)
+    _, index = torch.nn.functional.max_pool2d(conv_activation(z, activation), 2, return_indices=True)
+    picked = torch.zeros(z.shape, dtype=torch.bool, device=z.device).flatten(2).scatter_(2, index.flatten(2), True)
+    g = torch.nn.functional.max_unpool2d(g, index, 2, output_size=z.shape[-2:])
+    return torch.where(picked.view(z.shape), conv_activation_backward(z, g, activation), 0.0)

@@ -62,11 +62,12 @@ def test_convert_replaces_in_place_and_reports():
         "norm": "fastattn.LayerNorm",
         "rms": "fastattn.RMSNorm",
         "softmax": "fastattn.Softmax",
+        "rnn": "fastattn.LSTM",
     }
     left = {name: why for name, _, why in report.left}
-    assert set(left) == {"mine", "rnn"}
-    assert "subclass" in left["mine"] and "LSTM" in left["rnn"]
-    assert "replaced 13 module(s), left 2" in str(report)
+    assert set(left) == {"mine"}
+    assert "subclass" in left["mine"]
+    assert "replaced 14 module(s), left 1" in str(report)
 
     assert type(model.shared) is fastattn.LayerNorm and model.shared is model.norm
     assert list(model.parameters()) == parameters and optimizer.param_groups[0]["params"] == parameters
@@ -77,6 +78,50 @@ def test_convert_replaces_in_place_and_reports():
     assert {"attention", "norm", "softmax"} <= {c.op for c in calls}
     assert_close(out, expected, atol=1e-10)
     assert not fastattn.convert(model).replaced  # converting twice changes nothing more
+
+
+class Recurrent(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lstm = torch.nn.LSTM(D, 7, num_layers=2, bidirectional=True, proj_size=3, dtype=torch.float64)
+        self.gru = torch.nn.GRU(6, 5, batch_first=True, dtype=torch.float64)
+        self.rnn = torch.nn.RNN(5, 4, nonlinearity="relu", bias=False, dtype=torch.float64)
+        self.ln_lstm = fastattn.LayerNormLSTM(4, 3, dtype=torch.float64)  # fastattn's own: neither replaced nor left
+
+    def forward(self, x, lengths):
+        packed = torch.nn.utils.rnn.pack_padded_sequence(x, lengths, enforce_sorted=False)
+        out, (h, c) = self.lstm(packed)
+        out, _ = torch.nn.utils.rnn.pad_packed_sequence(out)  # (seq, batch, 6)
+        out, h_gru = self.gru(out.transpose(0, 1))
+        out, h_rnn = self.rnn(out.transpose(0, 1))
+        out, (h_ln, c_ln) = self.ln_lstm(out)
+        return [out, h, c, h_gru, h_rnn, h_ln, c_ln]
+
+
+def test_convert_replaces_recurrent_layers():
+    torch.manual_seed(2)
+    model = Recurrent()
+    x, lengths = torch.randn(9, 3, D, dtype=torch.float64, requires_grad=True), [5, 9, 2]
+    expected = model(x, lengths)
+    expected_grads = torch.autograd.grad(sum(t.square().sum() for t in expected), [x, *model.parameters()])
+
+    report = fastattn.convert(model)
+
+    replaced = {name: (old, new) for name, old, new in report.replaced}
+    assert replaced == {
+        "lstm": ("torch.nn.LSTM", "fastattn.LSTM"),
+        "gru": ("torch.nn.GRU", "fastattn.GRU"),
+        "rnn": ("torch.nn.RNN", "fastattn.RNN"),
+    }
+    assert not report.left
+    assert type(model.lstm) is fastattn.LSTM and type(model.rnn) is fastattn.RNN and model.rnn.nonlinearity == "relu"
+    got = model(x, lengths)
+    for i, (a, b) in enumerate(zip(got, expected, strict=True)):
+        assert_close(a, b, atol=1e-10, name=f"output {i}")
+    grads = torch.autograd.grad(sum(t.square().sum() for t in got), [x, *model.parameters()])
+    names = ["x", *[n for n, _ in model.named_parameters()]]
+    for name, a, b in zip(names, grads, expected_grads, strict=True):
+        assert_close(a, b, atol=1e-10, name=f"grad {name}")
 
 
 def test_convert_keeps_training_mode_and_gradients():

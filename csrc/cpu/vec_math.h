@@ -76,6 +76,22 @@ FASTATTN_INLINE float exp_of(float x) {
 // Double precision keeps libm's exp (the kernels' speed targets are float, half and bfloat16).
 FASTATTN_INLINE double exp_of(double x) { return std::exp(x); }
 
+// The logistic function 1 / (1 + e^-x) through exp_of (0 and 1 at the ends, no overflow trap).
+template <class C> FASTATTN_INLINE C sigmoid_of(C x) { return C(1) / (C(1) + exp_of(-x)); }
+
+// tanh without branches: (1 - e^-2|x|) / (1 + e^-2|x|) with x's sign, and below |x| = 0.3, where that
+// difference would cancel, its Taylor polynomial to x^9 (error under 2e-8 relative there).
+FASTATTN_INLINE float tanh_of(float x) {
+  const float a = std::fabs(x);
+  const float t = exp_of(-2.0f * a);
+  const float large = (1.0f - t) / (1.0f + t);
+  const float s = a * a;
+  const float small = a * (1.0f + s * (-0.33333333f + s * (0.13333333f + s * (-0.053968254f + s * 0.021869488f))));
+  return std::copysign(a < 0.3f ? small : large, x);
+}
+
+FASTATTN_INLINE double tanh_of(double x) { return std::tanh(x); }
+
 // Row conversions between a storage type and the compute type. Half uses the CPU's F16C instructions when
 // it has them (g++ does not vectorise half conversions itself), else c10's portable conversion.
 #if defined(__GNUC__) && defined(__x86_64__)
@@ -146,6 +162,40 @@ class RowStage {
  private:
   std::vector<C> scratch_;
   int64_t n_;
+};
+
+// Per-thread scratch of `slots` rows of `width` compute-type values, for kernels with several input and output
+// rows: compute-type rows are used in place, reduced-precision rows are converted into a slot (load) or out of
+// one (store).
+template <class T>
+class SlotStage {
+ public:
+  using C = compute_t<T>;
+  static constexpr bool kStaged = !std::is_same_v<T, C>;
+  SlotStage(int64_t width, int slots) : scratch_(kStaged ? width * slots : 0), width_(width) {}
+  // n values of src (nullptr stays nullptr) as compute-type values: src itself, or converted into `slot`.
+  FASTATTN_INLINE const C* load(const T* src, int slot, int64_t n) {
+    if (src == nullptr) return nullptr;
+    if constexpr (kStaged) {
+      C* dst = scratch_.data() + slot * width_;
+      convert_row(src, dst, n);
+      return dst;
+    } else {
+      return src;
+    }
+  }
+  // Where a kernel writes values bound for dst: dst itself, or `slot`; then store(dst, slot, n) puts n in place.
+  FASTATTN_INLINE C* output(T* dst, int slot) {
+    if constexpr (kStaged) return scratch_.data() + slot * width_;
+    else return dst;
+  }
+  FASTATTN_INLINE void store(T* dst, int slot, int64_t n) {
+    if constexpr (kStaged) convert_row(scratch_.data() + slot * width_, dst, n);
+  }
+
+ private:
+  std::vector<C> scratch_;
+  int64_t width_;
 };
 
 }  // namespace cpu

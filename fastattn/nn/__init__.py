@@ -1,8 +1,10 @@
 """Drop-in modules: same constructor, state_dict and results as their torch.nn twins."""
 
 from fastattn.nn.attention import MultiheadAttention
+from fastattn.nn.conv import ConvBNAct, FusedConv2d, fold_batchnorm
 from fastattn.nn.norm import LayerNorm, RMSNorm
 from fastattn.nn.positional import LearnedPositionalEmbedding, SinusoidalPositionalEncoding, TokenAndPositionEmbedding
+from fastattn.nn.recurrent import GRU, LSTM, RNN, LayerNormLSTM
 from fastattn.nn.rotary import RotaryEmbedding
 from fastattn.nn.softmax import Softmax
 from fastattn.nn.transformer import (
@@ -14,10 +16,16 @@ from fastattn.nn.transformer import (
 )
 
 __all__ = [
+    "ConvBNAct",
+    "FusedConv2d",
+    "GRU",
+    "LSTM",
     "LayerNorm",
+    "LayerNormLSTM",
     "LearnedPositionalEmbedding",
     "MultiheadAttention",
     "RMSNorm",
+    "RNN",
     "RotaryEmbedding",
     "SinusoidalPositionalEncoding",
     "Softmax",
@@ -27,4 +35,5 @@ __all__ = [
     "TransformerDecoderLayer",
     "TransformerEncoder",
     "TransformerEncoderLayer",
+    "fold_batchnorm",
 ]

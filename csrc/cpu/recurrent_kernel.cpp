@@ -1,0 +1,238 @@
+// CPU recurrent cell kernels: the pointwise part of one LSTM / GRU / RNN step, forward and backward, per row
+// (csrc/recurrent.h has the arguments and the saved values). Rows of half or bfloat16 are converted to float in
+// per-row scratch, every loop runs over the H hidden units in the compute type so that it vectorises.
+//
+// LSTM  (gates i, f, g, o):  c' = s(f) c + s(i) tanh(g),  h' = s(o) tanh(c')             s = sigmoid
+// GRU   (gates r, z, n):     r = s(x_r + hh_r), z = s(x_z + hh_z), n = tanh(x_n + r hh_n),  h' = (1 - z) n + z h
+// RNN:                       h' = tanh or relu(x + hh)
+// with hh = h W_hh^T + b_hh, so the GRU's b_hn sits inside r's product as in torch.nn.GRU.
+#include "recurrent_kernel.h"
+
+#include <algorithm>
+#include <vector>
+
+#include "vec_math.h"
+
+namespace fastattn {
+namespace {
+
+using cpu::compute_t;
+using cpu::convert_row;
+using cpu::SlotStage;
+using cpu::sigmoid_of;
+using cpu::tanh_of;
+
+template <class T> FASTATTN_INLINE const T* row(const void* base, int64_t b, int64_t stride) {
+  return base == nullptr ? nullptr : static_cast<const T*>(base) + b * stride;
+}
+template <class T> FASTATTN_INLINE T* row(void* base, int64_t b, int64_t stride) {
+  return base == nullptr ? nullptr : static_cast<T*>(base) + b * stride;
+}
+
+inline int gates_of(RecurrentKind kind) {
+  return kind == RecurrentKind::kLstm ? 4 : (kind == RecurrentKind::kGru ? 3 : 1);
+}
+
+// pre[j] = x[j] + hh[j] + b[j] for j < n (b may be null).
+template <class C>
+FASTATTN_INLINE void sum3(const C* __restrict x, const C* __restrict hh, const C* __restrict b, C* __restrict pre,
+                          int64_t n) {
+  if (b == nullptr) {
+    for (int64_t j = 0; j < n; ++j) pre[j] = x[j] + hh[j];
+  } else {
+    for (int64_t j = 0; j < n; ++j) pre[j] = x[j] + hh[j] + b[j];
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Forward.
+// ---------------------------------------------------------------------------------------------------------
+
+template <class T>
+FASTATTN_INLINE void forward_rows(const RecurrentStepForwardArgs& a, int64_t row_begin, int64_t row_end) {
+  using C = compute_t<T>;
+  const int64_t H = a.hidden, G = gates_of(a.kind), GH = G * H;
+  // Slots: 0 x, 1 hh, 2 b_hh, 3 h_prev, 4 h out; plus compute-type work rows (pre-activations, h).
+  SlotStage<T> scratch(GH, 5);
+  std::vector<C> pre(GH), h_work(H);
+  const C* b = scratch.load(static_cast<const T*>(a.b_hh), 2, GH);
+  for (int64_t r = row_begin; r < row_end; ++r) {
+    const bool live = a.lengths == nullptr || a.step < a.lengths[r];
+    T* h_new = row<T>(a.h_new, r, H);
+    T* out = row<T>(a.out, r, a.out_stride);
+    C* c_new = row<C>(a.c_new, r, H);
+    const C* c_prev = row<C>(a.c_prev, r, H);
+    if (!live) {  // the state carries over, the output is 0
+      if (c_new != nullptr) std::copy(c_prev, c_prev + H, c_new);
+      if (!a.project) std::copy(row<T>(a.h_prev, r, H), row<T>(a.h_prev, r, H) + H, h_new);
+      if (out != nullptr) std::fill(out, out + H, T(0));
+      C* saved = row<C>(a.saved, r, recurrent_saved_width(a.kind, H));
+      if (saved != nullptr) std::fill(saved, saved + recurrent_saved_width(a.kind, H), C(0));
+      continue;
+    }
+    sum3(scratch.load(row<T>(a.x, r, a.x_stride), 0, GH), scratch.load(row<T>(a.hh, r, GH), 1, GH), b, pre.data(),
+         a.kind == RecurrentKind::kGru ? 2 * H : GH);
+    C* saved = row<C>(a.saved, r, recurrent_saved_width(a.kind, H));
+    C* h = h_work.data();
+    if (a.kind == RecurrentKind::kLstm) {
+      const C *pi = pre.data(), *pf = pi + H, *pg = pf + H, *po = pg + H;
+      for (int64_t j = 0; j < H; ++j) {
+        const C i = sigmoid_of(pi[j]), f = sigmoid_of(pf[j]), g = tanh_of(pg[j]), o = sigmoid_of(po[j]);
+        const C c = f * c_prev[j] + i * g;
+        c_new[j] = c;
+        h[j] = o * tanh_of(c);
+        if (saved != nullptr) {
+          saved[j] = i;
+          saved[H + j] = f;
+          saved[2 * H + j] = g;
+          saved[3 * H + j] = o;
+        }
+      }
+    } else if (a.kind == RecurrentKind::kGru) {
+      const C* x_n = scratch.load(row<T>(a.x, r, a.x_stride), 0, GH) + 2 * H;
+      const C* hh_n = scratch.load(row<T>(a.hh, r, GH), 1, GH) + 2 * H;
+      const C* b_n = b == nullptr ? nullptr : b + 2 * H;
+      const C* h_prev = scratch.load(row<T>(a.h_prev, r, H), 3, H);
+      for (int64_t j = 0; j < H; ++j) {
+        const C rr = sigmoid_of(pre[j]), z = sigmoid_of(pre[H + j]);
+        const C hn = hh_n[j] + (b_n == nullptr ? C(0) : b_n[j]);
+        const C n = tanh_of(x_n[j] + rr * hn);
+        h[j] = (C(1) - z) * n + z * h_prev[j];
+        if (saved != nullptr) {
+          saved[j] = rr;
+          saved[H + j] = z;
+          saved[2 * H + j] = n;
+          saved[3 * H + j] = hn;
+        }
+      }
+    } else if (a.kind == RecurrentKind::kRnnTanh) {
+      for (int64_t j = 0; j < H; ++j) h[j] = tanh_of(pre[j]);
+    } else {
+      for (int64_t j = 0; j < H; ++j) h[j] = std::max(pre[j], C(0));
+    }
+    if constexpr (std::is_same_v<T, C>) {
+      std::copy(h, h + H, h_new);
+    } else {
+      convert_row(h, h_new, H);
+    }
+    if (out != nullptr) std::copy(h_new, h_new + H, out);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Backward.
+// ---------------------------------------------------------------------------------------------------------
+
+template <class T>
+FASTATTN_INLINE void backward_rows(const RecurrentStepBackwardArgs& a, int64_t row_begin, int64_t row_end) {
+  using C = compute_t<T>;
+  const int64_t H = a.hidden, G = gates_of(a.kind), GH = G * H, W = recurrent_saved_width(a.kind, H);
+  // Slots: 0 dh, 1 grad_out, 2 h_prev / h_new, 3 d_hh out, 4 d_x out, 5 dh_pass out.
+  SlotStage<T> scratch(GH, 6);
+  std::vector<C> dh_work(H);
+  for (int64_t r = row_begin; r < row_end; ++r) {
+    const bool live = a.lengths == nullptr || a.step < a.lengths[r];
+    const T* dh_in = row<T>(a.dh, r, H);
+    T* d_hh_row = row<T>(a.d_hh, r, GH);
+    T* d_x_row = row<T>(a.d_x, r, a.d_x_stride);
+    T* pass_row = row<T>(a.dh_pass, r, H);
+    const C* dc = row<C>(a.dc, r, H);
+    C* dc_prev = row<C>(a.dc_prev, r, H);
+    if (!live) {  // nothing flows into this step's gates; the state's gradients pass through
+      std::fill(d_hh_row, d_hh_row + GH, T(0));
+      if (d_x_row != nullptr) std::fill(d_x_row, d_x_row + GH, T(0));
+      if (pass_row != nullptr) std::copy(dh_in, dh_in + H, pass_row);
+      if (dc_prev != nullptr && dc_prev != dc) std::copy(dc, dc + H, dc_prev);
+      continue;
+    }
+    C* dh = dh_work.data();
+    const C* dh_c = scratch.load(dh_in, 0, H);
+    const C* g_out = scratch.load(row<T>(a.grad_out, r, a.grad_out_stride), 1, H);
+    if (g_out == nullptr) {
+      std::copy(dh_c, dh_c + H, dh);
+    } else {
+      for (int64_t j = 0; j < H; ++j) dh[j] = dh_c[j] + g_out[j];
+    }
+    const C* saved = row<C>(a.saved, r, W);
+    C* d_hh = scratch.output(d_hh_row, 3);
+    if (a.kind == RecurrentKind::kLstm) {
+      const C* c_prev = row<C>(a.c_prev, r, H);
+      const C* c_new = row<C>(a.c_new, r, H);
+      const C *si = saved, *sf = si + H, *sg = sf + H, *so = sg + H;
+      for (int64_t j = 0; j < H; ++j) {
+        const C i = si[j], f = sf[j], g = sg[j], o = so[j];
+        const C tc = tanh_of(c_new[j]);
+        const C dcj = dc[j] + dh[j] * o * (C(1) - tc * tc);
+        d_hh[j] = dcj * g * i * (C(1) - i);
+        d_hh[H + j] = dcj * c_prev[j] * f * (C(1) - f);
+        d_hh[2 * H + j] = dcj * i * (C(1) - g * g);
+        d_hh[3 * H + j] = dh[j] * tc * o * (C(1) - o);
+        dc_prev[j] = dcj * f;
+      }
+    } else if (a.kind == RecurrentKind::kGru) {
+      const C* h_prev = scratch.load(row<T>(a.h_prev, r, H), 2, H);
+      C* d_x = scratch.output(d_x_row, 4);
+      C* pass = scratch.output(pass_row, 5);
+      const C *sr = saved, *sz = sr + H, *sn = sz + H, *shn = sn + H;
+      for (int64_t j = 0; j < H; ++j) {
+        const C rr = sr[j], z = sz[j], n = sn[j];
+        const C dn_pre = dh[j] * (C(1) - z) * (C(1) - n * n);
+        const C dr_pre = dn_pre * shn[j] * rr * (C(1) - rr);
+        const C dz_pre = dh[j] * (h_prev[j] - n) * z * (C(1) - z);
+        d_hh[j] = d_x[j] = dr_pre;
+        d_hh[H + j] = d_x[H + j] = dz_pre;
+        d_hh[2 * H + j] = dn_pre * rr;
+        d_x[2 * H + j] = dn_pre;
+        pass[j] = dh[j] * z;
+      }
+      scratch.store(d_x_row, 4, GH);
+      scratch.store(pass_row, 5, H);
+    } else {
+      const C* h_new = scratch.load(row<T>(a.h_new, r, H), 2, H);
+      if (a.kind == RecurrentKind::kRnnTanh) {
+        for (int64_t j = 0; j < H; ++j) d_hh[j] = dh[j] * (C(1) - h_new[j] * h_new[j]);
+      } else {
+        for (int64_t j = 0; j < H; ++j) d_hh[j] = h_new[j] > C(0) ? dh[j] : C(0);
+      }
+    }
+    scratch.store(d_hh_row, 3, GH);
+    if (pass_row != nullptr && a.kind != RecurrentKind::kGru) std::fill(pass_row, pass_row + H, T(0));
+  }
+}
+
+// Non-template entry points, one pair per dtype: target_clones needs plain functions.
+#define FASTATTN_DEFINE_ENTRY_POINTS(T, name)                                                                \
+  FASTATTN_TARGET_CLONES void forward_##name(const RecurrentStepForwardArgs& a, int64_t begin, int64_t end) {   \
+    forward_rows<T>(a, begin, end);                                                                          \
+  }                                                                                                          \
+  FASTATTN_TARGET_CLONES void backward_##name(const RecurrentStepBackwardArgs& a, int64_t begin, int64_t end) { \
+    backward_rows<T>(a, begin, end);                                                                         \
+  }
+
+FASTATTN_DEFINE_ENTRY_POINTS(c10::Half, half)
+FASTATTN_DEFINE_ENTRY_POINTS(c10::BFloat16, bfloat16)
+FASTATTN_DEFINE_ENTRY_POINTS(float, float)
+FASTATTN_DEFINE_ENTRY_POINTS(double, double)
+#undef FASTATTN_DEFINE_ENTRY_POINTS
+
+}  // namespace
+
+void recurrent_step_forward_cpu_rows(const RecurrentStepForwardArgs& args, int64_t row_begin, int64_t row_end) {
+  switch (args.dtype) {
+    case Dtype::kHalf: return forward_half(args, row_begin, row_end);
+    case Dtype::kBFloat16: return forward_bfloat16(args, row_begin, row_end);
+    case Dtype::kFloat: return forward_float(args, row_begin, row_end);
+    case Dtype::kDouble: return forward_double(args, row_begin, row_end);
+  }
+}
+
+void recurrent_step_backward_cpu_rows(const RecurrentStepBackwardArgs& args, int64_t row_begin, int64_t row_end) {
+  switch (args.dtype) {
+    case Dtype::kHalf: return backward_half(args, row_begin, row_end);
+    case Dtype::kBFloat16: return backward_bfloat16(args, row_begin, row_end);
+    case Dtype::kFloat: return backward_float(args, row_begin, row_end);
+    case Dtype::kDouble: return backward_double(args, row_begin, row_end);
+  }
+}
+
+}  // namespace fastattn

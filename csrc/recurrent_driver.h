@@ -1,0 +1,221 @@
+// The time loop of one recurrent layer and direction, shared by the CPU and CUDA implementations of the
+// fastattn_C recurrent ops (schemas in csrc/fastattn.cpp). Each step is one matmul through ATen (h_prev W_hh^T;
+// with an LSTM projection a second, h W_hr^T) and one fused pointwise kernel, `Cells::forward` /
+// `Cells::backward` on the arguments of csrc/recurrent.h. Backward through time runs the steps in reverse with
+// one matmul per step (the gradient reaching h_prev); the weight gradients are one matmul each at the end.
+//
+// Buffers are in time order. hstate (S + 1, B, P) holds the states: the state before step t is
+// hstate[t + reverse] and after it hstate[t + 1 - reverse], so h0 sits at hstate[S * reverse] and h_n at the
+// other end; cstate (S + 1, B, H) likewise for the LSTM's cell, in the compute type.
+#pragma once
+#include <ATen/ATen.h>
+
+#include <tuple>
+
+#include "binding.h"
+#include "recurrent.h"
+
+namespace fastattn {
+
+inline int64_t recurrent_gates(RecurrentKind kind) {
+  return kind == RecurrentKind::kLstm ? 4 : (kind == RecurrentKind::kGru ? 3 : 1);
+}
+
+inline RecurrentKind recurrent_kind_of(int64_t kind) {
+  TORCH_CHECK(kind >= 0 && kind <= 3, "recurrent: kind must be 0 (LSTM), 1 (GRU), 2 (tanh RNN) or 3 (ReLU RNN)");
+  return static_cast<RecurrentKind>(kind);
+}
+
+inline at::ScalarType recurrent_compute_type(const at::Tensor& x) {
+  return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+inline const void* data_or_null(const std::optional<at::Tensor>& t) {
+  return t.has_value() && t->defined() ? t->data_ptr() : nullptr;
+}
+
+// Shapes of one layer's problem, checked against the schema's contract.
+struct RecurrentShape {
+  RecurrentKind kind;
+  int64_t seq, batch, hidden, proj, gates;
+};
+
+inline RecurrentShape recurrent_shape(int64_t kind_id, const at::Tensor& x_proj, const at::Tensor& w_hh,
+                                      const std::optional<at::Tensor>& w_hr, const std::optional<at::Tensor>& lengths) {
+  RecurrentShape s{};
+  s.kind = recurrent_kind_of(kind_id);
+  TORCH_CHECK(x_proj.dim() == 3 && x_proj.stride(2) == 1, "recurrent: x_proj must be (S, B, G*H) with unit stride "
+              "over its last dim, got ", x_proj.sizes(), " strides ", x_proj.strides());
+  TORCH_CHECK(w_hh.dim() == 2 && w_hh.size(0) == x_proj.size(2), "recurrent: w_hh must be (G*H, P), got ",
+              w_hh.sizes());
+  s.seq = x_proj.size(0);
+  s.batch = x_proj.size(1);
+  s.gates = recurrent_gates(s.kind);
+  TORCH_CHECK(x_proj.size(2) % s.gates == 0, "recurrent: the gate width ", x_proj.size(2), " is not a multiple of ",
+              s.gates);
+  s.hidden = x_proj.size(2) / s.gates;
+  s.proj = w_hh.size(1);
+  const bool project = w_hr.has_value() && w_hr->defined();
+  TORCH_CHECK(!project || s.kind == RecurrentKind::kLstm, "recurrent: w_hr (a projection) is for the LSTM only");
+  TORCH_CHECK(project ? w_hr->sizes() == at::IntArrayRef({s.proj, s.hidden}) : s.proj == s.hidden,
+              "recurrent: w_hh (G*H, P) needs P = H without a projection and w_hr (P, H) with one");
+  if (lengths.has_value() && lengths->defined()) {
+    TORCH_CHECK(lengths->scalar_type() == at::kLong && lengths->dim() == 1 && lengths->size(0) == s.batch &&
+                lengths->is_contiguous() && lengths->device() == x_proj.device(),
+                "recurrent: lengths must be a contiguous (B,) int64 tensor on x_proj's device");
+  }
+  return s;
+}
+
+// (out (S, B, P), hstate (S + 1, B, P), cstate (S + 1, B, H) or empty, saved (S, B, W) or empty).
+template <class Cells>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> recurrent_forward_loop(
+    int64_t kind_id, const at::Tensor& x_proj, const at::Tensor& h0, const std::optional<at::Tensor>& c0,
+    const at::Tensor& w_hh, const std::optional<at::Tensor>& b_hh, const std::optional<at::Tensor>& w_hr,
+    const std::optional<at::Tensor>& lengths, bool reverse, bool save, const Cells& cells) {
+  const RecurrentShape s = recurrent_shape(kind_id, x_proj, w_hh, w_hr, lengths);
+  const bool lstm = s.kind == RecurrentKind::kLstm, project = data_or_null(w_hr) != nullptr;
+  const auto compute = recurrent_compute_type(x_proj);
+  const int64_t S = s.seq, B = s.batch, H = s.hidden, P = s.proj, GH = s.gates * H, rev = reverse ? 1 : 0;
+  auto out = at::empty({S, B, P}, x_proj.options());
+  auto hstate = at::empty({S + 1, B, P}, x_proj.options());
+  hstate[S * rev].copy_(h0);
+  at::Tensor cstate = at::empty({0}, x_proj.options().dtype(compute));
+  if (lstm) {
+    TORCH_CHECK(c0.has_value() && c0->defined(), "recurrent: the LSTM needs c0");
+    cstate = at::empty({S + 1, B, H}, x_proj.options().dtype(compute));
+    cstate[S * rev].copy_(*c0);
+  }
+  const int64_t width = recurrent_saved_width(s.kind, H);
+  auto saved = at::empty({save && width ? S : 0, B, width}, x_proj.options().dtype(compute));
+  auto hh = at::empty({B, GH}, x_proj.options());
+  auto h_pre = project ? at::empty({B, H}, x_proj.options()) : at::Tensor();
+  const auto w_hh_t = w_hh.t();
+  at::Tensor b = b_hh.has_value() && b_hh->defined() ? b_hh->contiguous() : at::Tensor();
+  const int64_t* len = lengths.has_value() && lengths->defined() ? lengths->data_ptr<int64_t>() : nullptr;
+  for (int64_t k = 0; k < S; ++k) {
+    const int64_t t = reverse ? S - 1 - k : k, before = t + rev, after = t + 1 - rev;
+    at::Tensor h_prev = hstate[before], h_next = hstate[after];
+    at::mm_out(hh, h_prev, w_hh_t);
+    RecurrentStepForwardArgs a{};
+    a.kind = s.kind;
+    a.dtype = dtype_of(x_proj);
+    a.batch = B;
+    a.hidden = H;
+    a.x = x_proj[t].data_ptr();
+    a.x_stride = x_proj.stride(1);
+    a.hh = hh.data_ptr();
+    a.b_hh = b.defined() ? b.data_ptr() : nullptr;
+    a.h_prev = h_prev.data_ptr();
+    a.c_prev = lstm ? cstate[before].data_ptr() : nullptr;
+    a.c_new = lstm ? cstate[after].data_ptr() : nullptr;
+    a.h_new = project ? h_pre.data_ptr() : h_next.data_ptr();
+    a.out = project ? nullptr : out[t].data_ptr();
+    a.out_stride = P;
+    a.saved = saved.numel() ? saved[t].data_ptr() : nullptr;
+    a.lengths = len;
+    a.step = t;
+    a.project = project;
+    cells.forward(a);
+    if (project) {
+      at::mm_out(h_next, h_pre, w_hr->t());
+      if (len != nullptr) {
+        const auto live = lengths->gt(t).unsqueeze(1);
+        h_next.copy_(at::where(live, h_next, h_prev));
+        out[t].copy_(h_next * live);
+      } else {
+        out[t].copy_(h_next);
+      }
+    }
+  }
+  return {out, hstate, cstate, saved};
+}
+
+// (d_x_proj (S, B, G*H), d_h0 (B, P), d_c0 (B, H) or empty, d_w_hh (G*H, P), d_b_hh (G*H,), d_w_hr (P, H) or
+// empty), all in x's dtype.
+template <class Cells>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> recurrent_backward_loop(
+    int64_t kind_id, const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_h_n,
+    const std::optional<at::Tensor>& grad_c_n, const at::Tensor& w_hh, const std::optional<at::Tensor>& w_hr,
+    const at::Tensor& hstate, const at::Tensor& cstate, const at::Tensor& saved,
+    const std::optional<at::Tensor>& lengths, bool reverse, const Cells& cells) {
+  const RecurrentKind kind = recurrent_kind_of(kind_id);
+  const bool lstm = kind == RecurrentKind::kLstm, gru = kind == RecurrentKind::kGru;
+  const bool project = data_or_null(w_hr) != nullptr;
+  const int64_t S = grad_out.size(0), B = grad_out.size(1), P = grad_out.size(2);
+  const int64_t GH = w_hh.size(0), H = GH / recurrent_gates(kind), rev = reverse ? 1 : 0;
+  TORCH_CHECK(grad_out.stride(2) == 1 && hstate.sizes() == at::IntArrayRef({S + 1, B, P}) && hstate.is_contiguous(),
+              "recurrent_backward: grad_out (S, B, P) with unit stride over P and hstate (S + 1, B, P) contiguous");
+  TORCH_CHECK(saved.size(0) == S || recurrent_saved_width(kind, H) == 0,
+              "recurrent_backward: the forward did not save its activations (save=False)");
+  const auto opts = grad_out.options();
+  const auto compute = recurrent_compute_type(grad_out);
+  auto d_hh = at::empty({S, B, GH}, opts);
+  auto d_x = gru ? at::empty({S, B, GH}, opts) : d_hh;
+  auto dh = data_or_null(grad_h_n) ? grad_h_n->to(grad_out.scalar_type()).contiguous().clone() : at::zeros({B, P}, opts);
+  at::Tensor dc;
+  if (lstm) {
+    dc = data_or_null(grad_c_n) ? grad_c_n->to(compute).contiguous().clone() : at::zeros({B, H}, opts.dtype(compute));
+  }
+  auto pass = at::empty({B, P}, opts);
+  auto d_hp = project ? at::zeros({S, B, P}, opts) : at::Tensor();
+  auto dh_pre = project ? at::empty({B, H}, opts) : at::Tensor();
+  const int64_t* len = lengths.has_value() && lengths->defined() ? lengths->data_ptr<int64_t>() : nullptr;
+  for (int64_t k = S - 1; k >= 0; --k) {
+    const int64_t t = reverse ? S - 1 - k : k, before = t + rev, after = t + 1 - rev;
+    at::Tensor live;
+    RecurrentStepBackwardArgs a{};
+    a.kind = kind;
+    a.dtype = dtype_of(grad_out);
+    a.batch = B;
+    a.hidden = H;
+    if (project) {  // dh_total = dh + grad_out[t] on live rows; through W_hr to the cell's h
+      at::Tensor dh_total = dh + grad_out[t];
+      if (len != nullptr) {
+        live = lengths->gt(t).unsqueeze(1);
+        dh_total = at::where(live, dh_total, dh);
+      }
+      d_hp[t].copy_(len != nullptr ? dh_total * live : dh_total);
+      at::mm_out(dh_pre, dh_total, *w_hr);
+      dh = dh_total;
+      a.dh = dh_pre.data_ptr();
+    } else {
+      a.grad_out = grad_out[t].data_ptr();
+      a.grad_out_stride = grad_out.stride(1);
+      a.dh = dh.data_ptr();
+      a.dh_pass = pass.data_ptr();
+    }
+    a.dc = lstm ? dc.data_ptr() : nullptr;
+    a.dc_prev = lstm ? dc.data_ptr() : nullptr;  // updated in place
+    a.saved = saved.numel() ? saved[t].data_ptr() : nullptr;
+    a.c_prev = lstm ? cstate[before].data_ptr() : nullptr;
+    a.c_new = lstm ? cstate[after].data_ptr() : nullptr;
+    a.h_prev = hstate[before].data_ptr();
+    a.h_new = hstate[after].data_ptr();
+    a.d_hh = d_hh[t].data_ptr();
+    a.d_x = gru ? d_x[t].data_ptr() : nullptr;
+    a.d_x_stride = GH;
+    a.lengths = len;
+    a.step = t;
+    cells.backward(a);
+    if (project) {  // rows not live pass dh_total on untouched
+      at::Tensor carry = len != nullptr ? dh * live.logical_not() : at::zeros_like(dh);
+      dh = at::addmm(carry, d_hh[t], w_hh);
+    } else {
+      at::addmm_out(dh, pass, d_hh[t], w_hh);
+    }
+  }
+  const auto d_hh_2d = d_hh.view({S * B, GH});
+  auto d_w_hh = d_hh_2d.t().mm(hstate.narrow(0, rev, S).reshape({S * B, P}));
+  auto d_b_hh = d_hh_2d.sum(0, false, compute).to(grad_out.scalar_type());
+  at::Tensor d_w_hr = at::empty({0}, opts);
+  if (project) {
+    const auto o = saved.narrow(2, 3 * H, H);
+    const auto h_pre = (o * cstate.narrow(0, 1 - rev, S).tanh()).to(grad_out.scalar_type());
+    d_w_hr = d_hp.view({S * B, P}).t().mm(h_pre.reshape({S * B, H}));
+  }
+  auto d_c0 = lstm ? dc.to(grad_out.scalar_type()) : at::empty({0}, opts);
+  return {d_x, dh, d_c0, d_w_hh, d_b_hh, d_w_hr};
+}
+
+}  // namespace fastattn

@@ -1,0 +1,228 @@
+"""Recurrent layers: LSTM, GRU, tanh/ReLU RNN and the LayerNorm-LSTM, one layer and direction at a time.
+
+:func:`recurrent_layer` runs one direction of one layer over time: the input projections of every step are one
+matmul (``F.linear``), then the torch.library op ``fastattn::recurrent`` runs the steps, each the recurrent matmul
+and one fused pointwise cell kernel (``csrc/recurrent_driver.h``), and its backward runs through time the same way.
+:func:`recurrent` stacks layers and directions as torch.nn.LSTM / GRU / RNN do, with dropout between layers.
+Semantics, shapes and parameter names are those of :func:`fastattn.reference.recurrent_layer` /
+:func:`fastattn.reference.recurrent`; the ``reference`` backend runs those under autograd.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from fastattn import backends, reference
+from fastattn.ops._eager import EagerOp
+from fastattn.ops.dropout import dropout
+
+KINDS = tuple(reference.RECURRENT_GATES)
+KIND_IDS = {"lstm": 0, "gru": 1, "rnn_tanh": 2, "rnn_relu": 3}  # the C++ kernels' RecurrentKind
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Backends: what each accepts (None = yes, else why not).
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _cpu_check(x: Tensor, kind: str) -> Optional[str]:
+    if kind not in KIND_IDS:
+        return f"no fused {kind} kernel yet"
+    return None if x.dtype in FLOAT_DTYPES else f"dtype {x.dtype} is not one of {FLOAT_DTYPES}"
+
+
+CHECKS = {
+    "cpu": _cpu_check,
+    "cuda": lambda *_: "no CUDA recurrent kernel yet",
+    "reference": lambda *_: None,
+}
+
+
+def _extension():
+    """torch.ops.fastattn_C, loading fastattn._C first (the op may be called before any backend selection)."""
+    module, error = backends.extension()
+    if module is None:
+        raise backends.BackendError(f"fastattn.recurrent: the C++ extension is unavailable: {error}")
+    return torch.ops.fastattn_C
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The op: the time loop of one layer and direction, on its input projections.
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _recurrent(
+    kind: int,
+    x_proj: Tensor,
+    h0: Tensor,
+    c0: Optional[Tensor],
+    w_hh: Tensor,
+    b_hh: Optional[Tensor],
+    w_hr: Optional[Tensor],
+    lengths: Optional[Tensor],
+    reverse: bool,
+    save: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(out (S, B, P), hstate (S + 1, B, P), cstate (S + 1, B, H) or empty, saved activations or empty): see the
+    ``recurrent_forward`` schema in csrc/fastattn.cpp."""
+    return _extension().recurrent_forward(kind, x_proj, h0, c0, w_hh, b_hh, w_hr, lengths, reverse, save)
+
+
+recurrent_op = torch.library.custom_op("fastattn::recurrent", _recurrent, mutates_args=())
+
+
+def _saved_width(kind: int, hidden: int) -> int:
+    return 4 * hidden if kind in (KIND_IDS["lstm"], KIND_IDS["gru"]) else 0
+
+
+@recurrent_op.register_fake
+def _(kind, x_proj, h0, c0, w_hh, b_hh, w_hr, lengths, reverse, save):
+    (seq, batch, width), proj = x_proj.shape, w_hh.shape[1]
+    hidden = width // reference.RECURRENT_GATES[KINDS[kind]]
+    compute = reference.compute_dtype(x_proj.dtype)
+    saved = _saved_width(kind, hidden)
+    return (
+        x_proj.new_empty(seq, batch, proj),
+        x_proj.new_empty(seq + 1, batch, proj),
+        x_proj.new_empty((seq + 1, batch, hidden) if c0 is not None else (0,), dtype=compute),
+        x_proj.new_empty(seq if save and saved else 0, batch, saved, dtype=compute),
+    )
+
+
+def _recurrent_backward(
+    kind: int,
+    grad_out: Tensor,
+    grad_h_n: Optional[Tensor],
+    grad_c_n: Optional[Tensor],
+    w_hh: Tensor,
+    w_hr: Optional[Tensor],
+    hstate: Tensor,
+    cstate: Tensor,
+    saved: Tensor,
+    lengths: Optional[Tensor],
+    reverse: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(d_x_proj, d_h0, d_c0 or empty, d_w_hh, d_b_hh, d_w_hr or empty): see the ``recurrent_backward`` schema."""
+    if grad_out.stride(-1) != 1:
+        grad_out = grad_out.contiguous()
+    return _extension().recurrent_backward(
+        kind, grad_out, grad_h_n, grad_c_n, w_hh, w_hr, hstate.contiguous(), cstate.contiguous(), saved.contiguous(),
+        lengths, reverse,
+    )  # fmt: skip
+
+
+recurrent_backward_op = torch.library.custom_op("fastattn::recurrent_backward", _recurrent_backward, mutates_args=())
+run_recurrent_backward = EagerOp(recurrent_backward_op, _recurrent_backward)
+
+
+@recurrent_backward_op.register_fake
+def _(kind, grad_out, grad_h_n, grad_c_n, w_hh, w_hr, hstate, cstate, saved, lengths, reverse):
+    seq, batch, proj = grad_out.shape
+    width = w_hh.shape[0]
+    hidden = width // reference.RECURRENT_GATES[KINDS[kind]]
+    return (
+        grad_out.new_empty(seq, batch, width),
+        grad_out.new_empty(batch, proj),
+        grad_out.new_empty((batch, hidden) if cstate.numel() else (0,)),
+        grad_out.new_empty(width, proj),
+        grad_out.new_empty(width),
+        grad_out.new_empty((proj, hidden) if w_hr is not None else (0,)),
+    )
+
+
+def _setup_context(ctx, inputs, output):
+    kind, x_proj, h0, c0, w_hh, b_hh, w_hr, lengths, reverse, save = inputs
+    _, hstate, cstate, saved = output
+    ctx.mark_non_differentiable(saved)
+    ctx.kind, ctx.reverse, ctx.has_c0, ctx.has_b_hh = kind, reverse, c0 is not None, b_hh is not None
+    ctx.save_for_backward(w_hh, w_hr, hstate, cstate, saved, lengths)
+
+
+def _backward(ctx, grad_out, grad_hstate, grad_cstate, _grad_saved):
+    w_hh, w_hr, hstate, cstate, saved, lengths = ctx.saved_tensors
+    end = 0 if ctx.reverse else -1  # h_n and c_n are the states after the last step run
+    grad_h_n = None if grad_hstate is None else grad_hstate[end]
+    grad_c_n = None if grad_cstate is None or not grad_cstate.numel() else grad_cstate[end]
+    if grad_out is None:
+        grad_out = hstate.new_zeros(hstate.shape[0] - 1, *hstate.shape[1:])
+    d_x, d_h0, d_c0, d_w_hh, d_b_hh, d_w_hr = run_recurrent_backward(
+        ctx.kind, grad_out, grad_h_n, grad_c_n, w_hh, w_hr, hstate, cstate, saved, lengths, ctx.reverse
+    )
+    return (
+        None, d_x, d_h0, d_c0 if ctx.has_c0 else None, d_w_hh, d_b_hh if ctx.has_b_hh else None,
+        d_w_hr if w_hr is not None else None, None, None, None,
+    )  # fmt: skip
+
+
+recurrent_op.register_autograd(_backward, setup_context=_setup_context)
+run_recurrent = EagerOp(recurrent_op, _recurrent, _setup_context, _backward)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Public functions.
+# ---------------------------------------------------------------------------------------------------------
+
+
+def recurrent_layer(
+    kind: str,
+    x: Tensor,
+    h0: Tensor,
+    c0: Optional[Tensor],
+    weights: dict,
+    lengths: Optional[Tensor] = None,
+    reverse: bool = False,
+    eps: float = 1e-5,
+) -> tuple[Tensor, Tensor, Optional[Tensor]]:
+    """One direction of one layer: x (seq, batch, input) -> (output (seq, batch, P), h_n (batch, P), c_n (batch, H)
+    or None). Arguments as :func:`fastattn.reference.recurrent_layer`; differentiable in every tensor.
+
+    lengths (batch,) may be on the CPU or x's device; it is read on x's device."""
+    if kind not in KINDS:
+        raise ValueError(f"fastattn.recurrent_layer: kind must be one of {sorted(KINDS)}, got {kind!r}")
+    name = backends.select("recurrent", x.device, CHECKS, x, kind)
+    if name == "reference" or x.shape[0] == 0:
+        return reference.recurrent_layer(kind, x, h0, c0, weights, lengths, reverse, eps)
+    w = {key: weights.get(key) for key in reference.RECURRENT_PARAMS}
+    x_proj = F.linear(x, w["weight_ih"], w["bias_ih"])  # (seq, batch, G*H), every step at once
+    if lengths is not None:
+        lengths = torch.as_tensor(lengths).to(device=x.device, dtype=torch.long).contiguous()
+    tensors = (x_proj, h0, c0, w["weight_hh"], w["bias_hh"], w["weight_hr"])
+    save = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    out, hstate, cstate, _ = run_recurrent(KIND_IDS[kind], *tensors, lengths, reverse, save)
+    end = 0 if reverse else -1
+    return out, hstate[end], None if c0 is None else cstate[end].to(x.dtype)
+
+
+def recurrent(
+    kind: str,
+    x: Tensor,
+    hx: Optional[Tensor | tuple[Tensor, Tensor]],
+    params: dict,
+    num_layers: int = 1,
+    bidirectional: bool = False,
+    batch_first: bool = False,
+    lengths: Optional[Tensor] = None,
+    dropout_p: float = 0.0,
+    training: bool = False,
+    eps: float = 1e-5,
+) -> tuple[Tensor, Tensor | tuple[Tensor, Tensor]]:
+    """A stack of recurrent layers as torch.nn.LSTM / GRU / RNN: returns (output, h_n), or (output, (h_n, c_n))
+    for the LSTMs. Arguments as :func:`fastattn.reference.recurrent`, except that dropout (on the output of every
+    layer but the last, when ``training`` and ``dropout_p > 0``) is drawn by :func:`fastattn.dropout`.
+
+    x: (seq, batch, input), or (batch, seq, input) when batch_first; hx: None, h0 (L*D, batch, P) or (h0, c0) with
+    c0 (L*D, batch, H); params: torch.nn's parameter names (``weight_ih_l0``, ... ``_reverse``); lengths: None or
+    (batch,) valid steps per sequence (padded steps output 0 and leave the state alone).
+    """
+    if kind not in KINDS:
+        raise ValueError(f"fastattn.recurrent: kind must be one of {sorted(KINDS)}, got {kind!r}")
+    return reference.recurrent(kind, x, hx, params, num_layers, bidirectional, batch_first, lengths, eps=eps,
+                               layer_fn=recurrent_layer, between=lambda out, _: dropout(out, dropout_p, training))
+
+
+__all__ = ["recurrent", "recurrent_layer"]

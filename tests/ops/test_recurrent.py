@@ -1,0 +1,185 @@
+"""fastattn.ops.recurrent (the fused recurrent layer op) on every backend that has a kernel, against the float64
+references of fastattn.reference: values and gradients for each kind, lengths (packed sequences), both directions,
+the LSTM projection, odd sizes, low precision by the error-ratio rule, opcheck and torch.compile."""
+
+import pytest
+import torch
+
+from fastattn import backends, reference
+from fastattn.ops import recurrent as ops
+from fastattn.testing import GRADIENT_RATIO, assert_close, assert_error_ratio
+
+KINDS = ["lstm", "gru", "rnn_tanh", "rnn_relu"]
+# (backend, device) pairs with a recurrent kernel; the triton and cuda kernels are not written yet.
+BACKENDS = [("cpu", "cpu"), ("reference", "cpu")]
+
+
+@pytest.fixture(params=BACKENDS, ids=[f"{b}-{d}" for b, d in BACKENDS])
+def backend_device(request):
+    name, device = request.param
+    reason = backends.unavailable_reason(name, torch.device(device))
+    if reason is not None:
+        pytest.fail(f"backend {name} should run here but: {reason}")
+    with backends.backend(name):
+        yield name, torch.device(device)
+
+
+def make_problem(kind, seq, batch, inp, hidden, proj=0, bias=True, dtype=torch.float64, seed=0):
+    """(x (seq, batch, inp), h0, c0 or None, weights dict), all leaves that require grad."""
+    g = torch.Generator().manual_seed(seed)
+    gates = reference.RECURRENT_GATES[kind]
+    p = proj or hidden
+
+    def rand(*shape, scale=0.5):
+        return (torch.randn(*shape, generator=g, dtype=torch.float64) * scale).to(dtype).requires_grad_()
+
+    weights = {"weight_ih": rand(gates * hidden, inp), "weight_hh": rand(gates * hidden, p)}
+    if bias:
+        weights.update(bias_ih=rand(gates * hidden), bias_hh=rand(gates * hidden))
+    if proj:
+        weights["weight_hr"] = rand(proj, hidden)
+    c0 = rand(batch, hidden) if gates == 4 else None
+    return rand(seq, batch, inp, scale=1.0), rand(batch, p), c0, weights
+
+
+def assert_near(ours, truth, rel, name="output"):
+    """|ours - truth| <= rel at the values' magnitude (at least 1): the ReLU RNN grows large over 13 steps."""
+    assert_close(ours, truth, atol=rel * max(1.0, truth.abs().max().item()), name=name)
+
+
+def leaves(x, h0, c0, weights):
+    return [t for t in (x, h0, c0, *weights.values()) if t is not None]
+
+
+def run(fn, kind, problem, lengths, reverse):
+    """fn's (out, h_n, c_n) and the gradients of every leaf of one loss drawing on all three."""
+    x, h0, c0, weights = problem
+    out, h_n, c_n = fn(kind, x, h0, c0, weights, lengths, reverse)
+    g = torch.Generator().manual_seed(7)
+    loss = (out * torch.randn(out.shape, generator=g, dtype=torch.float64).to(out.dtype)).sum() + (h_n * 1.5).sum()
+    if c_n is not None:
+        loss = loss + (c_n * 0.5).sum()
+    grads = torch.autograd.grad(loss, leaves(*problem))
+    return (out, h_n, c_n), grads
+
+
+def as_float64(problem):
+    x, h0, c0, weights = problem
+
+    def up(t):
+        return None if t is None else t.detach().double().requires_grad_()
+
+    return up(x), up(h0), up(c0), {k: up(v) for k, v in weights.items()}
+
+
+CASES = [  # (seq, batch, input, hidden, proj)
+    (1, 1, 3, 5, 0),
+    (7, 3, 5, 7, 0),
+    (13, 2, 4, 40, 0),
+    (5, 4, 6, 9, 4),
+]
+
+
+@pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
+@pytest.mark.parametrize("with_lengths", [False, True], ids=["full", "lengths"])
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "x".join(map(str, c)))
+@pytest.mark.parametrize("kind", KINDS)
+def test_float64_matches_reference(backend_device, kind, case, with_lengths, reverse):
+    seq, batch, inp, hidden, proj = case
+    if proj and kind != "lstm":
+        pytest.skip("the projection is the LSTM's")
+    problem = make_problem(kind, seq, batch, inp, hidden, proj)
+    lengths = torch.arange(batch) % seq + 1 if with_lengths else None  # 1, 2, ... (some rows end early)
+    values, grads = run(ops.recurrent_layer, kind, problem, lengths, reverse)
+    with backends.backend("reference"):
+        ref_values, ref_grads = run(reference.recurrent_layer, kind, problem, lengths, reverse)
+    for name, ours, truth in zip(("out", "h_n", "c_n"), values, ref_values, strict=True):
+        if truth is not None:
+            assert_near(ours, truth, 1e-12, name)
+    for i, (ours, truth) in enumerate(zip(grads, ref_grads, strict=True)):
+        assert_near(ours, truth, 1e-11, f"grad {i}")
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_bias_free_and_non_contiguous(backend_device, kind):
+    x, h0, c0, weights = make_problem(kind, 6, 3, 5, 8, bias=False)
+    x_strided = x.detach().transpose(0, 1).contiguous().transpose(0, 1).requires_grad_()  # (seq, batch) strides swapped
+    problem = (x_strided, h0, c0, weights)
+    values, grads = run(ops.recurrent_layer, kind, problem, None, False)
+    ref_values, ref_grads = run(reference.recurrent_layer, kind, problem, None, False)
+    for ours, truth in zip(values + grads, ref_values + ref_grads, strict=True):
+        if truth is not None:
+            assert_near(ours, truth, 1e-11)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("kind", KINDS)
+def test_low_precision_error_ratio(backend_device, kind, dtype):
+    """Ours in dtype against float64, allowed twice (gradients three times) the error of torch's own ops in
+    dtype (the reference run in that dtype)."""
+    problem = make_problem(kind, 9, 3, 6, 24, dtype=dtype)
+    lengths = torch.tensor([9, 4, 1])
+    values, grads = run(ops.recurrent_layer, kind, problem, lengths, False)
+    baseline_values, baseline_grads = run(reference.recurrent_layer, kind, problem, lengths, False)
+    truth_values, truth_grads = run(reference.recurrent_layer, kind, as_float64(problem), lengths, False)
+    for ours, base, truth in zip(values, baseline_values, truth_values, strict=True):
+        if truth is not None:
+            assert ours.dtype == dtype
+            assert_error_ratio(ours, truth, base)
+    for ours, base, truth in zip(grads, baseline_grads, truth_grads, strict=True):
+        assert_error_ratio(ours, truth, base, ratio=GRADIENT_RATIO, name="gradient")
+
+
+def test_inference_saves_nothing_and_matches():
+    """Under no_grad the op keeps no activations; the values are those of the differentiable run."""
+    problem = make_problem("lstm", 5, 2, 3, 6)
+    with torch.no_grad():
+        out, h_n, c_n = ops.recurrent_layer("lstm", *problem[:3], problem[3])
+        x_proj = torch.nn.functional.linear(problem[0], problem[3]["weight_ih"], problem[3]["bias_ih"])
+        *_, saved = ops.run_recurrent(0, x_proj, problem[1], problem[2], problem[3]["weight_hh"],
+                                      problem[3]["bias_hh"], None, None, False, False)  # fmt: skip
+    assert saved.numel() == 0
+    ref = reference.recurrent_layer("lstm", *problem[:3], problem[3])
+    for ours, truth in zip((out, h_n, c_n), ref, strict=True):
+        assert_close(ours, truth, atol=1e-12)
+
+
+def test_opcheck_and_compile():
+    x, h0, c0, weights = make_problem("lstm", 4, 2, 3, 5, proj=2)
+    x_proj = torch.nn.functional.linear(x, weights["weight_ih"], weights["bias_ih"]).detach().requires_grad_()
+    lengths = torch.tensor([4, 2])
+    for kind, proj in ((0, weights["weight_hr"]), (0, None)):
+        w_hh = weights["weight_hh"] if proj is not None else torch.randn(20, 5, dtype=torch.float64, requires_grad=True)
+        h = h0 if proj is not None else torch.randn(2, 5, dtype=torch.float64, requires_grad=True)
+        args = (kind, x_proj, h, c0, w_hh, weights["bias_hh"], proj, lengths, True, True)
+        torch.library.opcheck(ops.recurrent_op, args)
+    gx, gh0, _, gw = make_problem("gru", 4, 2, 3, 5)
+    torch.library.opcheck(ops.recurrent_op, (1, torch.nn.functional.linear(gx, gw["weight_ih"]).detach(), gh0, None,
+                                             gw["weight_hh"], gw["bias_hh"], None, None, False, True))
+
+    def layer(x, h0, c0, w_ih, w_hh):
+        out, h_n, c_n = ops.recurrent_layer("lstm", x, h0, c0, {"weight_ih": w_ih, "weight_hh": w_hh})
+        return out.sum() + h_n.sum() + c_n.sum()
+
+    x, h0, c0, weights = make_problem("lstm", 4, 2, 3, 5, bias=False)
+    args = (x, h0, c0, weights["weight_ih"], weights["weight_hh"])
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    expected = torch.autograd.grad(layer(*args), args)
+    assert_close(compiled(*args), layer(*args), atol=1e-12)
+    for ours, truth in zip(torch.autograd.grad(compiled(*args), args), expected, strict=True):
+        assert_close(ours, truth, atol=1e-12)
+
+
+def test_layernorm_lstm_runs_on_the_reference_and_says_so():
+    x, h0, c0, weights = make_problem("lstm", 3, 2, 4, 5)
+    weights.update(norm_ih_weight=torch.ones(20, dtype=torch.float64), norm_c_weight=torch.ones(5, dtype=torch.float64))
+    with backends.record() as calls:
+        out, h_n, c_n = ops.recurrent_layer("layernorm_lstm", x, h0, c0, weights)
+    assert calls[-1].backend == "reference" and "layernorm_lstm" in calls[-1].skipped["cpu"]
+    assert_close(out, reference.recurrent_layer("layernorm_lstm", x, h0, c0, weights)[0], atol=0)
+
+
+def test_bad_kind():
+    x, h0, c0, weights = make_problem("lstm", 2, 1, 3, 4)
+    with pytest.raises(ValueError, match="kind"):
+        ops.recurrent_layer("lstmm", x, h0, c0, weights)
