@@ -1,8 +1,10 @@
 // The time loop of one recurrent layer and direction, shared by the CPU and CUDA implementations of the
-// fastattn_C recurrent ops (schemas in csrc/fastattn.cpp). Each step is one matmul through ATen (h_prev W_hh^T;
-// with an LSTM projection a second, h W_hr^T) and one fused pointwise kernel, `Cells::forward` /
-// `Cells::backward` on the arguments of csrc/recurrent.h. Backward through time runs the steps in reverse with
-// one matmul per step (the gradient reaching h_prev); the weight gradients are one matmul each at the end.
+// fastattn_C recurrent ops (schemas in csrc/fastattn.cpp). Each step is one matmul (h_prev W_hh^T; with an LSTM
+// projection a second, h W_hr^T) and one fused pointwise kernel, `Cells::forward` / `Cells::backward` on the
+// arguments of csrc/recurrent.h. Backward through time runs the steps in reverse with one matmul per step (the
+// gradient reaching h_prev); the weight gradients are one ATen matmul each at the end. The per-step matmuls go
+// through `Cells::prepare(w, batch)` once per call (a device may prepack w) and `Cells::linear(x, w, add)` =
+// x w^T + add; AtenStepLinear is the plain ATen version.
 //
 // Buffers are in time order. hstate (S + 1, B, P) holds the states: the state before step t is
 // hstate[t + reverse] and after it hstate[t + 1 - reverse], so h0 sits at hstate[S * reverse] and h_n at the
@@ -33,6 +35,14 @@ inline at::ScalarType recurrent_compute_type(const at::Tensor& x) {
 inline const void* data_or_null(const std::optional<at::Tensor>& t) {
   return t.has_value() && t->defined() ? t->data_ptr() : nullptr;
 }
+
+// The per-step matmuls on plain ATen: y = x w^T (+ add), w (N, K) as given.
+struct AtenStepLinear {
+  at::Tensor prepare(const at::Tensor& w, int64_t /*batch*/) const { return w; }
+  at::Tensor linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& add) const {
+    return add.defined() ? at::addmm(add, x, w.t()) : at::mm(x, w.t());
+  }
+};
 
 // Shapes of one layer's problem, checked against the schema's contract.
 struct RecurrentShape {
@@ -88,15 +98,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> recurrent_forward_loo
   }
   const int64_t width = recurrent_saved_width(s.kind, H);
   auto saved = at::empty({save && width ? S : 0, B, width}, x_proj.options().dtype(compute));
-  auto hh = at::empty({B, GH}, x_proj.options());
   auto h_pre = project ? at::empty({B, H}, x_proj.options()) : at::Tensor();
-  const auto w_hh_t = w_hh.t();
+  const auto w_hh_p = cells.prepare(w_hh, B);
+  const auto w_hr_p = project ? cells.prepare(*w_hr, B) : at::Tensor();
   at::Tensor b = b_hh.has_value() && b_hh->defined() ? b_hh->contiguous() : at::Tensor();
   const int64_t* len = lengths.has_value() && lengths->defined() ? lengths->data_ptr<int64_t>() : nullptr;
   for (int64_t k = 0; k < S; ++k) {
     const int64_t t = reverse ? S - 1 - k : k, before = t + rev, after = t + 1 - rev;
     at::Tensor h_prev = hstate[before], h_next = hstate[after];
-    at::mm_out(hh, h_prev, w_hh_t);
+    const at::Tensor hh = cells.linear(h_prev, w_hh_p, at::Tensor());
     RecurrentStepForwardArgs a{};
     a.kind = s.kind;
     a.dtype = dtype_of(x_proj);
@@ -118,7 +128,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> recurrent_forward_loo
     a.project = project;
     cells.forward(a);
     if (project) {
-      at::mm_out(h_next, h_pre, w_hr->t());
+      h_next.copy_(cells.linear(h_pre, w_hr_p, at::Tensor()));
       if (len != nullptr) {
         const auto live = lengths->gt(t).unsqueeze(1);
         h_next.copy_(at::where(live, h_next, h_prev));
@@ -159,8 +169,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   }
   auto pass = at::empty({B, P}, opts);
   auto d_hp = project ? at::zeros({S, B, P}, opts) : at::Tensor();
-  auto dh_pre = project ? at::empty({B, H}, opts) : at::Tensor();
+  at::Tensor dh_pre;
   const int64_t* len = lengths.has_value() && lengths->defined() ? lengths->data_ptr<int64_t>() : nullptr;
+  const auto w_hh_p = cells.prepare(w_hh.t().contiguous(), B);  // dh_prev = d_hh W_hh
+  const auto w_hr_p = project ? cells.prepare(w_hr->t().contiguous(), B) : at::Tensor();
   for (int64_t k = S - 1; k >= 0; --k) {
     const int64_t t = reverse ? S - 1 - k : k, before = t + rev, after = t + 1 - rev;
     at::Tensor live;
@@ -176,7 +188,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
         dh_total = at::where(live, dh_total, dh);
       }
       d_hp[t].copy_(len != nullptr ? dh_total * live : dh_total);
-      at::mm_out(dh_pre, dh_total, *w_hr);
+      dh_pre = cells.linear(dh_total, w_hr_p, at::Tensor());
       dh = dh_total;
       a.dh = dh_pre.data_ptr();
     } else {
@@ -200,9 +212,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     cells.backward(a);
     if (project) {  // rows not live pass dh_total on untouched
       at::Tensor carry = len != nullptr ? dh * live.logical_not() : at::zeros_like(dh);
-      dh = at::addmm(carry, d_hh[t], w_hh);
+      dh = cells.linear(d_hh[t], w_hh_p, carry);
     } else {
-      at::addmm_out(dh, pass, d_hh[t], w_hh);
+      dh = cells.linear(d_hh[t], w_hh_p, pass);
     }
   }
   const auto d_hh_2d = d_hh.view({S * B, GH});

@@ -1,7 +1,7 @@
 """Recurrent layers: LSTM, GRU, tanh/ReLU RNN and the LayerNorm-LSTM, one layer and direction at a time.
 
 :func:`recurrent_layer` runs one direction of one layer over time: the input projections of every step are one
-matmul (``F.linear``), then the torch.library op ``fastattn::recurrent`` runs the steps, each the recurrent matmul
+matmul, then the torch.library op ``fastattn::recurrent`` runs the steps, each the recurrent matmul
 and one fused pointwise cell kernel (``csrc/recurrent_driver.h``), and its backward runs through time the same way.
 :func:`recurrent` stacks layers and directions as torch.nn.LSTM / GRU / RNN do, with dropout between layers.
 Semantics, shapes and parameter names are those of :func:`fastattn.reference.recurrent_layer` /
@@ -164,6 +164,46 @@ run_recurrent = EagerOp(recurrent_op, _recurrent, _setup_context, _backward)
 
 
 # ---------------------------------------------------------------------------------------------------------
+# The input projections of every step: one matmul. On the CPU in float32 through ATen's oneDNN linear op
+# (about 1.3x MKL's sgemm at LSTM shapes), which has no autograd formula of its own: _OneDnnLinear gives it one.
+# ---------------------------------------------------------------------------------------------------------
+
+
+ONEDNN_LINEAR = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+def _onednn_linear(x: Tensor, w: Tensor, b: Optional[Tensor]) -> Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")
+
+
+class _OneDnnLinear(torch.autograd.Function):
+    @staticmethod
+    def forward(x: Tensor, w: Tensor, b: Optional[Tensor]) -> Tensor:
+        return _onednn_linear(x, w, b)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, w, _ = inputs
+        ctx.save_for_backward(x, w)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        x, w = ctx.saved_tensors
+        grad_2d = grad.reshape(-1, w.shape[0])
+        grad_x = _onednn_linear(grad, w.t().contiguous(), None) if ctx.needs_input_grad[0] else None
+        grad_w = grad_2d.t().mm(x.reshape(-1, w.shape[1])) if ctx.needs_input_grad[1] else None
+        grad_b = grad_2d.sum(0) if ctx.needs_input_grad[2] else None
+        return grad_x, grad_w, grad_b
+
+
+def _input_projection(x: Tensor, w: Tensor, b: Optional[Tensor]) -> Tensor:
+    """x (seq, batch, input) -> x w^T + b (seq, batch, G*H)."""
+    if ONEDNN_LINEAR and x.device.type == "cpu" and x.dtype == w.dtype == torch.float32:
+        return _OneDnnLinear.apply(x, w, b)
+    return F.linear(x, w, b)
+
+
+# ---------------------------------------------------------------------------------------------------------
 # Public functions.
 # ---------------------------------------------------------------------------------------------------------
 
@@ -188,7 +228,7 @@ def recurrent_layer(
     if name == "reference" or x.shape[0] == 0:
         return reference.recurrent_layer(kind, x, h0, c0, weights, lengths, reverse, eps)
     w = {key: weights.get(key) for key in reference.RECURRENT_PARAMS}
-    x_proj = F.linear(x, w["weight_ih"], w["bias_ih"])  # (seq, batch, G*H), every step at once
+    x_proj = _input_projection(x, w["weight_ih"], w["bias_ih"])  # (seq, batch, G*H), every step at once
     if lengths is not None:
         lengths = torch.as_tensor(lengths).to(device=x.device, dtype=torch.long).contiguous()
     tensors = (x_proj, h0, c0, w["weight_hh"], w["bias_hh"], w["weight_hr"])
