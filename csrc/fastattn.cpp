@@ -72,22 +72,27 @@ TORCH_LIBRARY(fastattn_C, m) {
   // row skip_row (>= 0) zero. grad (n, D) unit stride over D; index (n,) int64 contiguous.
   m.def("embedding_scatter(Tensor grad, Tensor index, int num_rows, float scale, int skip_row) -> Tensor");
   // One direction of one recurrent layer over time (see csrc/recurrent.h, csrc/recurrent_driver.h): kind 0 LSTM
-  // (gates i, f, g, o), 1 GRU (r, z, n), 2 tanh RNN, 3 ReLU RNN; x_proj (S, B, G*H) = x W_ih^T + b_ih, unit stride
-  // over G*H; h0 (B, P) and c0 (B, H) (LSTM) in x_proj's dtype; w_hh (G*H, P); b_hh None or (G*H,); w_hr None or
+  // (gates i, f, g, o), 1 GRU (r, z, n), 2 tanh RNN, 3 ReLU RNN, 4 LayerNorm-LSTM; x_proj (S, B, G*H) = x W_ih^T
+  // + b_ih (LayerNorm-LSTM: LN_ih(x W_ih^T), b_hh = b_ih + b_hh), unit stride over G*H; h0 (B, P) and c0 (B, H) (LSTM) in x_proj's dtype; w_hh (G*H, P); b_hh None or (G*H,); w_hr None or
   // (P, H), the LSTM's projection (else P = H); lengths None or contiguous (B,) int64: row b is live at steps
   // t < lengths[b] (others keep the state and output 0); reverse runs from step S - 1 down. Returns out (S, B, P),
   // hstate (S + 1, B, P) with the state before step t at t + reverse and after it at t + 1 - reverse, cstate
   // (S + 1, B, H) likewise in float32 (float64 for float64; empty but for the LSTM) and, when save, the saved
-  // activations (S, B, W) in that type for the backward (else empty).
+  // activations (S, B, W) in that type for the backward (else empty). The norm_* (None: weight 1, bias 0;
+  // (4H,) for hh, (H,) for c, in x_proj's dtype) and eps are the LayerNorm-LSTM's, ignored by the other kinds.
   m.def("recurrent_forward(int kind, Tensor x_proj, Tensor h0, Tensor? c0, Tensor w_hh, Tensor? b_hh, Tensor? w_hr, "
-        "Tensor? lengths, bool reverse, bool save) -> (Tensor, Tensor, Tensor, Tensor)");
+        "Tensor? lengths, bool reverse, bool save, Tensor? norm_hh_weight, Tensor? norm_hh_bias, "
+        "Tensor? norm_c_weight, Tensor? norm_c_bias, float eps) -> (Tensor, Tensor, Tensor, Tensor)");
   // Backward through time of recurrent_forward from grad_out (S, B, P) (unit stride over P) and the gradients of
   // h_n (B, P) and c_n (B, H) (None: zero), with the forward's w_hh, w_hr, hstate, cstate, saved, lengths and
   // reverse. Returns d_x_proj (S, B, G*H), d_h0 (B, P), d_c0 (B, H) (empty but for the LSTM), d_w_hh (G*H, P),
-  // d_b_hh (G*H,) and d_w_hr (P, H) (empty without a projection), in grad_out's dtype.
+  // d_b_hh (G*H,), d_w_hr (P, H) (empty without a projection) and the LayerNorm-LSTM's d_norms (10H,): the
+  // gradients of norm_hh_weight, norm_hh_bias, norm_c_weight, norm_c_bias concatenated (empty for the other
+  // kinds), in grad_out's dtype.
   m.def("recurrent_backward(int kind, Tensor grad_out, Tensor? grad_h_n, Tensor? grad_c_n, Tensor w_hh, "
-        "Tensor? w_hr, Tensor hstate, Tensor cstate, Tensor saved, Tensor? lengths, bool reverse) "
-        "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+        "Tensor? w_hr, Tensor hstate, Tensor cstate, Tensor saved, Tensor? lengths, bool reverse, "
+        "Tensor? norm_hh_weight, Tensor? norm_hh_bias, Tensor? norm_c_weight, Tensor? norm_c_bias) "
+        "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   // Convolution epilogue (see csrc/conv_epilogue.h): out = maxpool2x2(act(y + bias[c])), the pool optional, with y
   // (N, C, H, W) NCHW (unit stride over W) or NHWC (unit stride over C, W's stride C), in y's dtype; bias None or
   // contiguous (C,) in float32 (float64 for float64 y); activation one of none, relu, gelu, gelu_tanh, silu; pool:

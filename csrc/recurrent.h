@@ -1,4 +1,4 @@
-// Recurrent cell kernel arguments (LSTM, GRU, tanh/ReLU RNN) shared by the CPU and CUDA kernels. No torch headers:
+// Recurrent cell kernel arguments (LSTM, GRU, tanh/ReLU RNN, LayerNorm-LSTM) shared by the CPU and CUDA kernels. No torch headers:
 // csrc/recurrent_driver.h runs the time loop (the matmuls through ATen) and fills these for each step.
 //
 // One step of one layer and direction, for a batch of B rows; H = hidden size, G = gates per cell (LSTM 4 in the
@@ -12,13 +12,36 @@
 
 namespace fastattn {
 
-enum class RecurrentKind : int { kLstm = 0, kGru = 1, kRnnTanh = 2, kRnnRelu = 3 };
+// The LayerNorm-LSTM (Ba et al. 2016, as fastattn.reference.layer_norm_lstm_cell, without a projection) gets x
+// with its norm LN_ih already applied (x = LN_ih(x W_ih^T)); the cell normalises hh over all 4H (LN_hh, then
+// its affine pair), adds x and b (b_ih + b_hh), and normalises c' over H (LN_c) for h' = s(o) tanh(LN_c(c')).
+enum class RecurrentKind : int { kLstm = 0, kGru = 1, kRnnTanh = 2, kRnnRelu = 3, kLayerNormLstm = 4 };
+
+inline int64_t recurrent_gates(RecurrentKind kind) {
+  return kind == RecurrentKind::kGru ? 3 : (kind == RecurrentKind::kRnnTanh || kind == RecurrentKind::kRnnRelu ? 1 : 4);
+}
+
+inline bool recurrent_has_cell(RecurrentKind kind) {
+  return kind == RecurrentKind::kLstm || kind == RecurrentKind::kLayerNormLstm;
+}
 
 // Saved per-step values of each kind, per row (in the compute type: float, double for double):
-//   LSTM: i, f, g, o after their activations (4H); GRU: r, z, n and h_prev W_hn^T + b_hn (4H); RNN: none.
+//   LSTM: i, f, g, o after their activations (4H); GRU: r, z, n and h_prev W_hn^T + b_hn (4H); RNN: none;
+//   LayerNorm-LSTM: i, f, g, o (4H), hh normalised (4H), c' normalised (H), then 1/std of hh and of c' (2).
 inline int64_t recurrent_saved_width(RecurrentKind kind, int64_t hidden) {
+  if (kind == RecurrentKind::kLayerNormLstm) return 9 * hidden + 2;
   return kind == RecurrentKind::kLstm || kind == RecurrentKind::kGru ? 4 * hidden : 0;
 }
+
+// The LayerNorm-LSTM's norms inside the cell: affine pairs in the step's dtype (any may be null: weight 1,
+// bias 0), and eps.
+struct RecurrentCellNorms {
+  const void* hh_weight;       // (4H,)
+  const void* hh_bias;         // (4H,)
+  const void* c_weight;        // (H,)
+  const void* c_bias;          // (H,)
+  double eps;
+};
 
 struct RecurrentStepForwardArgs {
   RecurrentKind kind;
@@ -39,6 +62,7 @@ struct RecurrentStepForwardArgs {
   const int64_t* lengths;      // (B,) or null
   int64_t step;
   bool project;
+  RecurrentCellNorms norms;    // LayerNorm-LSTM
 };
 
 struct RecurrentStepBackwardArgs {
@@ -56,12 +80,14 @@ struct RecurrentStepBackwardArgs {
   const void* h_prev;          // contiguous (B, H), GRU
   const void* h_new;           // contiguous (B, H), RNN: the step's new state
   void* d_hh;                  // contiguous (B, G*H): gradient of hh + b_hh (0 for rows not live)
-  void* d_x;                   // (B, G*H), row stride d_x_stride, GRU only: gradient of x (differs from d_hh in n)
-  int64_t d_x_stride;
+  void* d_x;                   // (B, G*H), row stride d_x_stride, GRU and LayerNorm-LSTM: gradient of x (and
+  int64_t d_x_stride;          // of b), which differs from d_hh's (GRU: in n; LayerNorm-LSTM: by LN_hh's backward)
+  void* d_cn;                  // contiguous (B, H), compute type, LayerNorm-LSTM: gradient of LN_c's output
   void* dh_pass;               // contiguous (B, H): the gradient of h_prev not through W_hh (GRU z dh; rows not
                                // live: dh itself); null with a projection (the driver does it)
   const int64_t* lengths;
   int64_t step;
+  RecurrentCellNorms norms;    // LayerNorm-LSTM (eps unused: the saved 1/std carry it)
 };
 
 }  // namespace fastattn

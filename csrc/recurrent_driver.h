@@ -13,18 +13,16 @@
 #include <ATen/ATen.h>
 
 #include <tuple>
+#include <vector>
 
 #include "binding.h"
 #include "recurrent.h"
 
 namespace fastattn {
 
-inline int64_t recurrent_gates(RecurrentKind kind) {
-  return kind == RecurrentKind::kLstm ? 4 : (kind == RecurrentKind::kGru ? 3 : 1);
-}
-
 inline RecurrentKind recurrent_kind_of(int64_t kind) {
-  TORCH_CHECK(kind >= 0 && kind <= 3, "recurrent: kind must be 0 (LSTM), 1 (GRU), 2 (tanh RNN) or 3 (ReLU RNN)");
+  TORCH_CHECK(kind >= 0 && kind <= 4,
+              "recurrent: kind must be 0 (LSTM), 1 (GRU), 2 (tanh RNN), 3 (ReLU RNN) or 4 (LayerNorm-LSTM)");
   return static_cast<RecurrentKind>(kind);
 }
 
@@ -34,6 +32,31 @@ inline at::ScalarType recurrent_compute_type(const at::Tensor& x) {
 
 inline const void* data_or_null(const std::optional<at::Tensor>& t) {
   return t.has_value() && t->defined() ? t->data_ptr() : nullptr;
+}
+
+// The LayerNorm-LSTM's cell norms, each affine tensor contiguous or absent (kept alive by the caller's tensors).
+struct CellNormTensors {
+  std::optional<at::Tensor> hh_weight, hh_bias, c_weight, c_bias;
+  RecurrentCellNorms args(double eps) const {
+    return {data_or_null(hh_weight), data_or_null(hh_bias), data_or_null(c_weight), data_or_null(c_bias), eps};
+  }
+};
+
+inline std::optional<at::Tensor> contiguous_or_none(const std::optional<at::Tensor>& t, int64_t size,
+                                                    const at::Tensor& like, const char* name) {
+  if (!t.has_value() || !t->defined()) return std::nullopt;
+  TORCH_CHECK(t->dim() == 1 && t->size(0) == size && t->scalar_type() == like.scalar_type() &&
+              t->device() == like.device(), "recurrent: ", name, " must be (", size, ",) in x_proj's dtype and device");
+  return t->contiguous();
+}
+
+inline CellNormTensors cell_norms(const std::optional<at::Tensor>& hh_weight, const std::optional<at::Tensor>& hh_bias,
+                                  const std::optional<at::Tensor>& c_weight, const std::optional<at::Tensor>& c_bias,
+                                  int64_t hidden, const at::Tensor& like) {
+  return {contiguous_or_none(hh_weight, 4 * hidden, like, "norm_hh_weight"),
+          contiguous_or_none(hh_bias, 4 * hidden, like, "norm_hh_bias"),
+          contiguous_or_none(c_weight, hidden, like, "norm_c_weight"),
+          contiguous_or_none(c_bias, hidden, like, "norm_c_bias")};
 }
 
 // The per-step matmuls on plain ATen: y = x w^T (+ add), w (N, K) as given.
@@ -66,7 +89,8 @@ inline RecurrentShape recurrent_shape(int64_t kind_id, const at::Tensor& x_proj,
   s.hidden = x_proj.size(2) / s.gates;
   s.proj = w_hh.size(1);
   const bool project = w_hr.has_value() && w_hr->defined();
-  TORCH_CHECK(!project || s.kind == RecurrentKind::kLstm, "recurrent: w_hr (a projection) is for the LSTM only");
+  TORCH_CHECK(!project || s.kind == RecurrentKind::kLstm,
+              "recurrent: w_hr (a projection) is for the LSTM only (no fused LayerNorm-LSTM with proj_size yet)");
   TORCH_CHECK(project ? w_hr->sizes() == at::IntArrayRef({s.proj, s.hidden}) : s.proj == s.hidden,
               "recurrent: w_hh (G*H, P) needs P = H without a projection and w_hr (P, H) with one");
   if (lengths.has_value() && lengths->defined()) {
@@ -82,9 +106,10 @@ template <class Cells>
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> recurrent_forward_loop(
     int64_t kind_id, const at::Tensor& x_proj, const at::Tensor& h0, const std::optional<at::Tensor>& c0,
     const at::Tensor& w_hh, const std::optional<at::Tensor>& b_hh, const std::optional<at::Tensor>& w_hr,
-    const std::optional<at::Tensor>& lengths, bool reverse, bool save, const Cells& cells) {
+    const std::optional<at::Tensor>& lengths, bool reverse, bool save, const CellNormTensors& norms, double eps,
+    const Cells& cells) {
   const RecurrentShape s = recurrent_shape(kind_id, x_proj, w_hh, w_hr, lengths);
-  const bool lstm = s.kind == RecurrentKind::kLstm, project = data_or_null(w_hr) != nullptr;
+  const bool lstm = recurrent_has_cell(s.kind), project = data_or_null(w_hr) != nullptr;
   const auto compute = recurrent_compute_type(x_proj);
   const int64_t S = s.seq, B = s.batch, H = s.hidden, P = s.proj, GH = s.gates * H, rev = reverse ? 1 : 0;
   auto out = at::empty({S, B, P}, x_proj.options());
@@ -126,6 +151,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> recurrent_forward_loo
     a.lengths = len;
     a.step = t;
     a.project = project;
+    a.norms = norms.args(eps);
     cells.forward(a);
     if (project) {
       h_next.copy_(cells.linear(h_pre, w_hr_p, at::Tensor()));
@@ -141,16 +167,28 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> recurrent_forward_loo
   return {out, hstate, cstate, saved};
 }
 
+// The LayerNorm-LSTM's norm gradients (10H,) in the compute type: LN_hh's weight and bias, LN_c's weight and bias,
+// from d_x (S, B, 4H) = the gradient of LN_hh's output, d_cn (S, B, H) that of LN_c's, and the saved normalised
+// values (zero, like both gradients, on rows not live).
+inline at::Tensor cell_norm_gradients(const at::Tensor& d_x, const at::Tensor& d_cn, const at::Tensor& saved,
+                                      int64_t H) {
+  const auto d_pre = d_x.to(d_cn.scalar_type());
+  const auto hh_hat = saved.narrow(2, 4 * H, 4 * H), c_hat = saved.narrow(2, 8 * H, H);
+  const std::vector<int64_t> rows{0, 1};
+  return at::cat({(d_pre * hh_hat).sum(rows), d_pre.sum(rows), (d_cn * c_hat).sum(rows), d_cn.sum(rows)});
+}
+
 // (d_x_proj (S, B, G*H), d_h0 (B, P), d_c0 (B, H) or empty, d_w_hh (G*H, P), d_b_hh (G*H,), d_w_hr (P, H) or
-// empty), all in x's dtype.
+// empty, d_norms (10H,) or empty: see cell_norm_gradients), all in x's dtype.
 template <class Cells>
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> recurrent_backward_loop(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> recurrent_backward_loop(
     int64_t kind_id, const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_h_n,
     const std::optional<at::Tensor>& grad_c_n, const at::Tensor& w_hh, const std::optional<at::Tensor>& w_hr,
     const at::Tensor& hstate, const at::Tensor& cstate, const at::Tensor& saved,
-    const std::optional<at::Tensor>& lengths, bool reverse, const Cells& cells) {
+    const std::optional<at::Tensor>& lengths, bool reverse, const CellNormTensors& norms, const Cells& cells) {
   const RecurrentKind kind = recurrent_kind_of(kind_id);
-  const bool lstm = kind == RecurrentKind::kLstm, gru = kind == RecurrentKind::kGru;
+  const bool lstm = recurrent_has_cell(kind), layernorm = kind == RecurrentKind::kLayerNormLstm;
+  const bool own_d_x = kind == RecurrentKind::kGru || layernorm;  // d_x differs from d_hh
   const bool project = data_or_null(w_hr) != nullptr;
   const int64_t S = grad_out.size(0), B = grad_out.size(1), P = grad_out.size(2);
   const int64_t GH = w_hh.size(0), H = GH / recurrent_gates(kind), rev = reverse ? 1 : 0;
@@ -161,7 +199,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const auto opts = grad_out.options();
   const auto compute = recurrent_compute_type(grad_out);
   auto d_hh = at::empty({S, B, GH}, opts);
-  auto d_x = gru ? at::empty({S, B, GH}, opts) : d_hh;
+  auto d_x = own_d_x ? at::empty({S, B, GH}, opts) : d_hh;
+  auto d_cn = layernorm ? at::empty({S, B, H}, opts.dtype(compute)) : at::Tensor();
   auto dh = data_or_null(grad_h_n) ? grad_h_n->to(grad_out.scalar_type()).contiguous().clone() : at::zeros({B, P}, opts);
   at::Tensor dc;
   if (lstm) {
@@ -205,8 +244,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     a.h_prev = hstate[before].data_ptr();
     a.h_new = hstate[after].data_ptr();
     a.d_hh = d_hh[t].data_ptr();
-    a.d_x = gru ? d_x[t].data_ptr() : nullptr;
+    a.d_x = own_d_x ? d_x[t].data_ptr() : nullptr;
     a.d_x_stride = GH;
+    a.d_cn = layernorm ? d_cn[t].data_ptr() : nullptr;
+    a.norms = norms.args(0.0);
     a.lengths = len;
     a.step = t;
     cells.backward(a);
@@ -219,7 +260,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   }
   const auto d_hh_2d = d_hh.view({S * B, GH});
   auto d_w_hh = d_hh_2d.t().mm(hstate.narrow(0, rev, S).reshape({S * B, P}));
-  auto d_b_hh = d_hh_2d.sum(0, false, compute).to(grad_out.scalar_type());
+  auto d_b_hh = (layernorm ? d_x : d_hh).view({S * B, GH}).sum(0, false, compute).to(grad_out.scalar_type());
   at::Tensor d_w_hr = at::empty({0}, opts);
   if (project) {
     const auto o = saved.narrow(2, 3 * H, H);
@@ -227,7 +268,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     d_w_hr = d_hp.view({S * B, P}).t().mm(h_pre.reshape({S * B, H}));
   }
   auto d_c0 = lstm ? dc.to(grad_out.scalar_type()) : at::empty({0}, opts);
-  return {d_x, dh, d_c0, d_w_hh, d_b_hh, d_w_hr};
+  auto d_norms = layernorm ? cell_norm_gradients(d_x, d_cn, saved, H).to(grad_out.scalar_type()) : at::empty({0}, opts);
+  return {d_x, dh, d_c0, d_w_hh, d_b_hh, d_w_hr, d_norms};
 }
 
 }  // namespace fastattn

@@ -17,7 +17,7 @@ venv() {
 
 dependencies() {
   .venv/bin/pip install -q --disable-pip-version-check "${TORCH_SPEC:-torch==2.14.1}" triton setuptools wheel \
-    ninja pybind11 numpy pytest hypothesis matplotlib tqdm "transformers>=5.18"
+    ninja pybind11 numpy pytest hypothesis matplotlib tqdm scikit-learn "transformers>=5.18"
 }
 
 sources_hash() {  # what the build depends on, plus the switches that change it

@@ -65,3 +65,30 @@ def test_sequence_example_under_torchrun_two_processes():
     assert result.returncode == 0, _explain(result)
     assert "2 process(es) on cpu" in result.stdout, _explain(result)
     assert result.stdout.count("final loss: ") == 1, _explain(result)  # rank 0 alone prints
+
+
+def test_digits_cnn_example_meets_loose_targets():
+    flags = ["--steps", "5", "--batch-size", "16", "--target-loss", "100", "--target-accuracy", "0"]
+    result = _example("train_digits_cnn.py", *flags)
+    assert result.returncode == 0, _explain(result)
+    assert "1347 training / 450 test digits at 28x28; MnistCNN" in result.stdout, _explain(result)
+    assert "final loss: " in result.stdout and "(target < 100) PASSED" in result.stdout, _explain(result)
+    assert "test loss: " in result.stdout, _explain(result)
+    assert "test accuracy (450 digits): " in result.stdout and "(target >= 0) PASSED" in result.stdout, _explain(result)
+    assert "wall time: " in result.stdout
+
+
+def test_lstm_example_exits_1_when_only_the_accuracy_target_is_missed():
+    flags = ["--steps", "3", "--batch-size", "8", "--hidden", "9", "--dtype", "float64", "--target-loss", "100"]
+    result = _example("train_lstm.py", *flags, "--target-accuracy", "1.01")
+    assert result.returncode == 1, _explain(result)
+    assert "LSTMClassifier" in result.stdout and "(target < 100) PASSED" in result.stdout, _explain(result)
+    assert "eval loss: " in result.stdout, _explain(result)
+    assert "eval accuracy (2048 sequences): " in result.stdout, _explain(result)
+    assert "(target >= 1.01) MISSED" in result.stdout, _explain(result)
+
+
+def test_lstm_example_rejects_a_bad_hidden_size():
+    result = _example("train_lstm.py", "--hidden", "0")
+    assert result.returncode == 2, _explain(result)
+    assert "--hidden must be >= 1, got 0" in result.stderr, _explain(result)

@@ -44,6 +44,7 @@ namespace {
 using cpu::compute_t;
 using cpu::convert_row;
 using cpu::exp_of;
+using cpu::lane_sum;
 using cpu::sigmoid_of;
 using cpu::SlotStage;
 
@@ -345,21 +346,6 @@ template <> RowKernels<double> row_kernels<double>(Activation a) {
   return kernels_none_double();
 }
 
-// Sum of n values in float64, in independent lanes so that the loop vectorises.
-template <class C>
-double lane_sum(const C* v, int64_t n) {
-  constexpr int64_t kL = 8;
-  double acc[kL] = {};
-  int64_t j = 0;
-  for (; j + kL <= n; j += kL) {
-    for (int64_t l = 0; l < kL; ++l) acc[l] += static_cast<double>(v[j + l]);
-  }
-  for (int64_t l = 0; j + l < n; ++l) acc[l] += static_cast<double>(v[j + l]);
-  double total = 0;
-  for (int64_t l = 0; l < kL; ++l) total += acc[l];
-  return total;
-}
-
 // partial[q] += v[p * k + q] for the `pixels` pixels of k channels in v.
 template <class C>
 void add_per_channel(const C* v, int64_t pixels, int64_t k, double* partial) {
@@ -459,7 +445,7 @@ void backward_nchw(const ConvEpilogueBackwardArgs& a, int64_t begin, int64_t end
           T* dst = dy_plane + r * length + j0;
           C* d = stage.output(dst, 3);
           k.backward(stage.load(y_row + j0, 0, n), bias_row.data(), stage.load(g_row + j0, 1, n), n, d);
-          if (plane_sums) sum += lane_sum(d, n);
+          if (plane_sums) sum += lane_sum<double>(n, [&](int64_t j) { return static_cast<double>(d[j]); });
           stage.store(dst, 3, n);
         }
       }
@@ -476,7 +462,7 @@ void backward_nchw(const ConvEpilogueBackwardArgs& a, int64_t begin, int64_t end
           C* d1 = stage.output(dst1 + 2 * j0, 4);
           k.pool_backward(stage.load(row0 + 2 * j0, 0, 2 * n), stage.load(row1 + 2 * j0, 1, 2 * n),
                           stage.load(g_row + j0, 2, n), b, n, d0, d1);
-          if (plane_sums) sum += lane_sum(d0, 2 * n) + lane_sum(d1, 2 * n);
+          if (plane_sums) sum += lane_sum<double>(2 * n, [&](int64_t j) { return double(d0[j]) + double(d1[j]); });
           stage.store(dst0 + 2 * j0, 3, 2 * n);
           stage.store(dst1 + 2 * j0, 4, 2 * n);
         }

@@ -39,6 +39,9 @@
 namespace fastattn {
 namespace {
 
+using cpu::lane_sum;
+using cpu::lane_sums;
+
 template <class C> constexpr Dtype kComputeDtype = std::is_same_v<C, double> ? Dtype::kDouble : Dtype::kFloat;
 
 inline int64_t element_size(Dtype d) {
@@ -110,45 +113,6 @@ FASTATTN_INLINE void store_row(const C* src, void* dst, Dtype d, int64_t n) {
     case Dtype::kFloat: return convert(src, static_cast<float*>(dst), n);
     case Dtype::kDouble: return convert(src, static_cast<double*>(dst), n);
   }
-}
-
-// Independent partial sums in a reduction: two 512-bit registers of C.
-template <class C> constexpr int64_t kLanes = 128 / sizeof(C);
-
-// sum(f(0), ..., f(n - 1)) and, through f(j, a, b) adding to both, a second sum, returned in double: lane l
-// accumulates the terms j = l mod kLanes of a block of kSumBlock terms (so the compiler vectorises across lanes
-// without reordering a lane's additions), and the block sums are added in double. f may also write memory for
-// column j.
-template <class C, class F>
-FASTATTN_INLINE void lane_sums(int64_t n, F f, double& sum_a, double& sum_b) {
-  constexpr int64_t kL = kLanes<C>, kSumBlock = 8 * kLanes<C>;
-  sum_a = 0;
-  sum_b = 0;
-  for (int64_t begin = 0; begin < n; begin += kSumBlock) {
-    const int64_t count = std::min(kSumBlock, n - begin);
-    C a[kL], b[kL];
-    for (int64_t l = 0; l < kL; ++l) a[l] = b[l] = C(0);
-    int64_t j = 0;
-    for (; j + kL <= count; j += kL) {
-      for (int64_t l = 0; l < kL; ++l) f(begin + j + l, a[l], b[l]);
-    }
-    for (int64_t l = 0; j + l < count; ++l) f(begin + j + l, a[l], b[l]);
-    for (int64_t width = kL / 2; width > 0; width /= 2) {
-      for (int64_t l = 0; l < width; ++l) {
-        a[l] += a[l + width];
-        b[l] += b[l + width];
-      }
-    }
-    sum_a += a[0];
-    sum_b += b[0];
-  }
-}
-
-template <class C, class F>
-FASTATTN_INLINE double lane_sum(int64_t n, F f) {
-  double sum = 0, unused = 0;
-  lane_sums<C>(n, [&](int64_t j, C& a, C&) FASTATTN_INLINE_LAMBDA { a += f(j); }, sum, unused);
-  return sum;
 }
 
 // Dropout factors: keep[c] = 1 / (1 - p) where element (row, c) is kept, else 0. The Philox calls (4 columns

@@ -79,17 +79,24 @@ struct CpuCells {
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> recurrent_forward_cpu(
     int64_t kind, const at::Tensor& x_proj, const at::Tensor& h0, const std::optional<at::Tensor>& c0,
     const at::Tensor& w_hh, const std::optional<at::Tensor>& b_hh, const std::optional<at::Tensor>& w_hr,
-    const std::optional<at::Tensor>& lengths, bool reverse, bool save) {
-  return recurrent_forward_loop(kind, x_proj, h0, c0, w_hh, b_hh, w_hr, lengths, reverse, save, CpuCells{});
+    const std::optional<at::Tensor>& lengths, bool reverse, bool save,
+    const std::optional<at::Tensor>& norm_hh_weight, const std::optional<at::Tensor>& norm_hh_bias,
+    const std::optional<at::Tensor>& norm_c_weight, const std::optional<at::Tensor>& norm_c_bias, double eps) {
+  const auto norms = cell_norms(norm_hh_weight, norm_hh_bias, norm_c_weight, norm_c_bias, w_hh.size(0) / 4, x_proj);
+  return recurrent_forward_loop(kind, x_proj, h0, c0, w_hh, b_hh, w_hr, lengths, reverse, save, norms, eps,
+                                CpuCells{});
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> recurrent_backward_cpu(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> recurrent_backward_cpu(
     int64_t kind, const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_h_n,
     const std::optional<at::Tensor>& grad_c_n, const at::Tensor& w_hh, const std::optional<at::Tensor>& w_hr,
     const at::Tensor& hstate, const at::Tensor& cstate, const at::Tensor& saved,
-    const std::optional<at::Tensor>& lengths, bool reverse) {
+    const std::optional<at::Tensor>& lengths, bool reverse, const std::optional<at::Tensor>& norm_hh_weight,
+    const std::optional<at::Tensor>& norm_hh_bias, const std::optional<at::Tensor>& norm_c_weight,
+    const std::optional<at::Tensor>& norm_c_bias) {
+  const auto norms = cell_norms(norm_hh_weight, norm_hh_bias, norm_c_weight, norm_c_bias, w_hh.size(0) / 4, grad_out);
   return recurrent_backward_loop(kind, grad_out, grad_h_n, grad_c_n, w_hh, w_hr, hstate, cstate, saved, lengths,
-                                 reverse, CpuCells{});
+                                 reverse, norms, CpuCells{});
 }
 
 }  // namespace

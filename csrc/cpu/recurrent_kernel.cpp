@@ -6,9 +6,13 @@
 // GRU   (gates r, z, n):     r = s(x_r + hh_r), z = s(x_z + hh_z), n = tanh(x_n + r hh_n),  h' = (1 - z) n + z h
 // RNN:                       h' = tanh or relu(x + hh)
 // with hh = h W_hh^T + b_hh, so the GRU's b_hn sits inside r's product as in torch.nn.GRU.
+// LayerNorm-LSTM: the LSTM on pre = x + LN_hh(h W_hh^T) + b, with h' = s(o) tanh(LN_c(c')); LN over the row,
+// then its affine pair; its backward is LN's: d_in = rstd (d_hat - mean(d_hat) - hat mean(d_hat hat)).
 #include "recurrent_kernel.h"
 
 #include <algorithm>
+#include <cmath>
+#include <optional>
 #include <vector>
 
 #include "vec_math.h"
@@ -18,6 +22,7 @@ namespace {
 
 using cpu::compute_t;
 using cpu::convert_row;
+using cpu::lane_sums;
 using cpu::SlotStage;
 using cpu::sigmoid_of;
 using cpu::tanh_of;
@@ -29,9 +34,7 @@ template <class T> FASTATTN_INLINE T* row(void* base, int64_t b, int64_t stride)
   return base == nullptr ? nullptr : static_cast<T*>(base) + b * stride;
 }
 
-inline int gates_of(RecurrentKind kind) {
-  return kind == RecurrentKind::kLstm ? 4 : (kind == RecurrentKind::kGru ? 3 : 1);
-}
+inline int gates_of(RecurrentKind kind) { return static_cast<int>(recurrent_gates(kind)); }
 
 // pre[j] = x[j] + hh[j] + b[j] for j < n (b may be null).
 template <class C>
@@ -41,6 +44,64 @@ FASTATTN_INLINE void sum3(const C* __restrict x, const C* __restrict hh, const C
     for (int64_t j = 0; j < n; ++j) pre[j] = x[j] + hh[j];
   } else {
     for (int64_t j = 0; j < n; ++j) pre[j] = x[j] + hh[j] + b[j];
+  }
+}
+
+// The LayerNorm-LSTM's affine pairs as compute-type rows (an absent weight reads 1, an absent bias 0).
+template <class T>
+class CellNorms {
+ public:
+  using C = compute_t<T>;
+  CellNorms(const RecurrentCellNorms& n, int64_t H)
+      : hh_weight_(affine(n.hh_weight, 4 * H, 1)), hh_bias_(affine(n.hh_bias, 4 * H, 0)),
+        c_weight_(affine(n.c_weight, H, 1)), c_bias_(affine(n.c_bias, H, 0)) {}
+  const C* hh_weight() const { return hh_weight_.data(); }
+  const C* hh_bias() const { return hh_bias_.data(); }
+  const C* c_weight() const { return c_weight_.data(); }
+  const C* c_bias() const { return c_bias_.data(); }
+
+ private:
+  static std::vector<C> affine(const void* v, int64_t n, double absent) {
+    std::vector<C> out(n, C(absent));
+    if (v != nullptr) convert_row(static_cast<const T*>(v), out.data(), n);
+    return out;
+  }
+  std::vector<C> hh_weight_, hh_bias_, c_weight_, c_bias_;
+};
+
+// hat[j] = (v[j] - mean) / sqrt(var + eps) over v[0..n); returns 1 / sqrt(var + eps).
+template <class C>
+FASTATTN_INLINE C normalise(const C* __restrict v, int64_t n, double eps, C* __restrict hat) {
+  double sum = 0, unused = 0;
+  lane_sums<C>(n, [&](int64_t j, C& a, C&) FASTATTN_INLINE_LAMBDA { a += v[j]; }, sum, unused);
+  const C mean = C(sum / n);
+  double sq = 0;
+  lane_sums<C>(n, [&](int64_t j, C& a, C&) FASTATTN_INLINE_LAMBDA { a += (v[j] - mean) * (v[j] - mean); }, sq,
+               unused);
+  const C rstd = C(1.0 / std::sqrt(sq / n + eps));
+  for (int64_t j = 0; j < n; ++j) hat[j] = (v[j] - mean) * rstd;
+  return rstd;
+}
+
+// d_in[j] = rstd (d_hat[j] - mean(d_hat) - hat[j] mean(d_hat hat)): LayerNorm's backward to its input.
+template <class C>
+FASTATTN_INLINE void normalise_backward(const C* __restrict d_hat, const C* __restrict hat, C rstd, int64_t n,
+                                        C* __restrict d_in) {
+  double sum_d = 0, sum_dh = 0;
+  lane_sums<C>(n, [&](int64_t j, C& a, C& b) FASTATTN_INLINE_LAMBDA { a += d_hat[j]; b += d_hat[j] * hat[j]; },
+               sum_d, sum_dh);
+  const C mean_d = C(sum_d / n), mean_dh = C(sum_dh / n);
+  for (int64_t j = 0; j < n; ++j) d_in[j] = rstd * (d_hat[j] - mean_d - hat[j] * mean_dh);
+}
+
+// pre[j] = x[j] + hat[j] w[j] + bias[j] + b[j] for j < n (b may be null).
+template <class C>
+FASTATTN_INLINE void affine_sum(const C* __restrict x, const C* __restrict hat, const C* __restrict w,
+                                const C* __restrict bias, const C* __restrict b, C* __restrict pre, int64_t n) {
+  if (b == nullptr) {
+    for (int64_t j = 0; j < n; ++j) pre[j] = x[j] + hat[j] * w[j] + bias[j];
+  } else {
+    for (int64_t j = 0; j < n; ++j) pre[j] = x[j] + hat[j] * w[j] + bias[j] + b[j];
   }
 }
 
@@ -56,6 +117,10 @@ FASTATTN_INLINE void forward_rows(const RecurrentStepForwardArgs& a, int64_t row
   SlotStage<T> scratch(GH, 5);
   std::vector<C> pre(GH), h_work(H);
   const C* b = scratch.load(static_cast<const T*>(a.b_hh), 2, GH);
+  const bool layernorm = a.kind == RecurrentKind::kLayerNormLstm, lstm = recurrent_has_cell(a.kind);
+  std::optional<CellNorms<T>> norms;
+  std::vector<C> gates_work(lstm ? GH : 0), hh_hat_work(layernorm ? GH : 0), c_hat_work(layernorm ? H : 0);
+  if (layernorm) norms.emplace(a.norms, H);
   for (int64_t r = row_begin; r < row_end; ++r) {
     const bool live = a.lengths == nullptr || a.step < a.lengths[r];
     T* h_new = row<T>(a.h_new, r, H);
@@ -70,23 +135,37 @@ FASTATTN_INLINE void forward_rows(const RecurrentStepForwardArgs& a, int64_t row
       if (saved != nullptr) std::fill(saved, saved + recurrent_saved_width(a.kind, H), C(0));
       continue;
     }
-    sum3(scratch.load(row<T>(a.x, r, a.x_stride), 0, GH), scratch.load(row<T>(a.hh, r, GH), 1, GH), b, pre.data(),
-         a.kind == RecurrentKind::kGru ? 2 * H : GH);
     C* saved = row<C>(a.saved, r, recurrent_saved_width(a.kind, H));
     C* h = h_work.data();
-    if (a.kind == RecurrentKind::kLstm) {
+    const C* x = scratch.load(row<T>(a.x, r, a.x_stride), 0, GH);
+    const C* hh = scratch.load(row<T>(a.hh, r, GH), 1, GH);
+    if (layernorm) {  // pre = x + LN_hh(hh) + b
+      C* hh_hat = saved != nullptr ? saved + GH : hh_hat_work.data();
+      const C rstd = normalise(hh, GH, a.norms.eps, hh_hat);
+      if (saved != nullptr) saved[2 * GH + H] = rstd;
+      affine_sum(x, hh_hat, norms->hh_weight(), norms->hh_bias(), b, pre.data(), GH);
+    } else {
+      sum3(x, hh, b, pre.data(), a.kind == RecurrentKind::kGru ? 2 * H : GH);
+    }
+    if (lstm) {
+      C* gates = saved != nullptr ? saved : gates_work.data();
       const C *pi = pre.data(), *pf = pi + H, *pg = pf + H, *po = pg + H;
       for (int64_t j = 0; j < H; ++j) {
         const C i = sigmoid_of(pi[j]), f = sigmoid_of(pf[j]), g = tanh_of(pg[j]), o = sigmoid_of(po[j]);
         const C c = f * c_prev[j] + i * g;
         c_new[j] = c;
-        h[j] = o * tanh_of(c);
-        if (saved != nullptr) {
-          saved[j] = i;
-          saved[H + j] = f;
-          saved[2 * H + j] = g;
-          saved[3 * H + j] = o;
-        }
+        if (!layernorm) h[j] = o * tanh_of(c);
+        gates[j] = i;
+        gates[H + j] = f;
+        gates[2 * H + j] = g;
+        gates[3 * H + j] = o;
+      }
+      if (layernorm) {  // h = o tanh(LN_c(c'))
+        C* c_hat = saved != nullptr ? saved + 2 * GH : c_hat_work.data();
+        const C rstd = normalise(c_new, H, a.norms.eps, c_hat);
+        if (saved != nullptr) saved[2 * GH + H + 1] = rstd;
+        const C *w = norms->c_weight(), *bias = norms->c_bias(), *o = gates + 3 * H;
+        for (int64_t j = 0; j < H; ++j) h[j] = o[j] * tanh_of(c_hat[j] * w[j] + bias[j]);
       }
     } else if (a.kind == RecurrentKind::kGru) {
       const C* x_n = scratch.load(row<T>(a.x, r, a.x_stride), 0, GH) + 2 * H;
@@ -123,6 +202,36 @@ FASTATTN_INLINE void forward_rows(const RecurrentStepForwardArgs& a, int64_t row
 // Backward.
 // ---------------------------------------------------------------------------------------------------------
 
+// One live row of the LayerNorm-LSTM's backward: from dh (the gradient reaching h', output's included) and dc
+// (reaching c'), the gradients of the gate pre-activations d_pre (= of x and b), of LN_c's output d_cn, of c_prev
+// (dc_prev, may alias dc) and of hh (d_hh, through LN_hh). saved as forward_rows wrote it.
+template <class T, class C>
+FASTATTN_INLINE void layernorm_lstm_backward_row(const C* dh, const C* dc, const C* saved, const C* c_prev,
+                                                 const CellNorms<T>& norms, int64_t H, C* d_hat, C* dc_norm, C* d_pre,
+                                                 C* d_cn, C* dc_prev, C* d_hh) {
+  const int64_t GH = 4 * H;
+  const C *si = saved, *sf = si + H, *sg = sf + H, *so = sg + H, *hh_hat = saved + GH, *c_hat = saved + 2 * GH;
+  const C rstd_hh = saved[2 * GH + H], rstd_c = saved[2 * GH + H + 1];
+  const C *cw = norms.c_weight(), *cb = norms.c_bias();
+  for (int64_t j = 0; j < H; ++j) {  // through h = o tanh(cn), cn = LN_c(c')
+    const C o = so[j], tcn = tanh_of(c_hat[j] * cw[j] + cb[j]);
+    d_cn[j] = dh[j] * o * (C(1) - tcn * tcn);
+    d_hat[j] = d_cn[j] * cw[j];
+    d_pre[3 * H + j] = dh[j] * tcn * o * (C(1) - o);
+  }
+  normalise_backward(d_hat, c_hat, rstd_c, H, dc_norm);
+  for (int64_t j = 0; j < H; ++j) {
+    const C i = si[j], f = sf[j], g = sg[j], dcj = dc[j] + dc_norm[j];
+    d_pre[j] = dcj * g * i * (C(1) - i);
+    d_pre[H + j] = dcj * c_prev[j] * f * (C(1) - f);
+    d_pre[2 * H + j] = dcj * i * (C(1) - g * g);
+    dc_prev[j] = dcj * f;
+  }
+  const C* hw = norms.hh_weight();
+  for (int64_t j = 0; j < GH; ++j) d_hat[j] = d_pre[j] * hw[j];
+  normalise_backward(d_hat, hh_hat, rstd_hh, GH, d_hh);
+}
+
 template <class T>
 FASTATTN_INLINE void backward_rows(const RecurrentStepBackwardArgs& a, int64_t row_begin, int64_t row_end) {
   using C = compute_t<T>;
@@ -130,6 +239,10 @@ FASTATTN_INLINE void backward_rows(const RecurrentStepBackwardArgs& a, int64_t r
   // Slots: 0 dh, 1 grad_out, 2 h_prev / h_new, 3 d_hh out, 4 d_x out, 5 dh_pass out.
   SlotStage<T> scratch(GH, 6);
   std::vector<C> dh_work(H);
+  const bool layernorm = a.kind == RecurrentKind::kLayerNormLstm;
+  std::optional<CellNorms<T>> norms;
+  std::vector<C> d_hat_work(layernorm ? GH : 0), dc_work(layernorm ? H : 0);
+  if (layernorm) norms.emplace(a.norms, H);
   for (int64_t r = row_begin; r < row_end; ++r) {
     const bool live = a.lengths == nullptr || a.step < a.lengths[r];
     const T* dh_in = row<T>(a.dh, r, H);
@@ -143,6 +256,7 @@ FASTATTN_INLINE void backward_rows(const RecurrentStepBackwardArgs& a, int64_t r
       if (d_x_row != nullptr) std::fill(d_x_row, d_x_row + GH, T(0));
       if (pass_row != nullptr) std::copy(dh_in, dh_in + H, pass_row);
       if (dc_prev != nullptr && dc_prev != dc) std::copy(dc, dc + H, dc_prev);
+      if (a.d_cn != nullptr) std::fill(row<C>(a.d_cn, r, H), row<C>(a.d_cn, r, H) + H, C(0));
       continue;
     }
     C* dh = dh_work.data();
@@ -155,7 +269,11 @@ FASTATTN_INLINE void backward_rows(const RecurrentStepBackwardArgs& a, int64_t r
     }
     const C* saved = row<C>(a.saved, r, W);
     C* d_hh = scratch.output(d_hh_row, 3);
-    if (a.kind == RecurrentKind::kLstm) {
+    if (layernorm) {
+      layernorm_lstm_backward_row(dh, dc, saved, row<C>(a.c_prev, r, H), *norms, H, d_hat_work.data(),
+                                  dc_work.data(), scratch.output(d_x_row, 4), row<C>(a.d_cn, r, H), dc_prev, d_hh);
+      scratch.store(d_x_row, 4, GH);
+    } else if (a.kind == RecurrentKind::kLstm) {
       const C* c_prev = row<C>(a.c_prev, r, H);
       const C* c_new = row<C>(a.c_new, r, H);
       const C *si = saved, *sf = si + H, *sg = sf + H, *so = sg + H;

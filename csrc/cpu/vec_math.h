@@ -6,6 +6,7 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -163,6 +164,45 @@ class RowStage {
   std::vector<C> scratch_;
   int64_t n_;
 };
+
+// Independent partial sums in a reduction: two 512-bit registers of C.
+template <class C> constexpr int64_t kLanes = 128 / sizeof(C);
+
+// sum(f(0), ..., f(n - 1)) and, through f(j, a, b) adding to both, a second sum, returned in double: lane l
+// accumulates the terms j = l mod kLanes of a block of kSumBlock terms (so the compiler vectorises across lanes
+// without reordering a lane's additions), and the block sums are added in double. f may also write memory for
+// column j.
+template <class C, class F>
+FASTATTN_INLINE void lane_sums(int64_t n, F f, double& sum_a, double& sum_b) {
+  constexpr int64_t kL = kLanes<C>, kSumBlock = 8 * kLanes<C>;
+  sum_a = 0;
+  sum_b = 0;
+  for (int64_t begin = 0; begin < n; begin += kSumBlock) {
+    const int64_t count = std::min(kSumBlock, n - begin);
+    C a[kL], b[kL];
+    for (int64_t l = 0; l < kL; ++l) a[l] = b[l] = C(0);
+    int64_t j = 0;
+    for (; j + kL <= count; j += kL) {
+      for (int64_t l = 0; l < kL; ++l) f(begin + j + l, a[l], b[l]);
+    }
+    for (int64_t l = 0; j + l < count; ++l) f(begin + j + l, a[l], b[l]);
+    for (int64_t width = kL / 2; width > 0; width /= 2) {
+      for (int64_t l = 0; l < width; ++l) {
+        a[l] += a[l + width];
+        b[l] += b[l + width];
+      }
+    }
+    sum_a += a[0];
+    sum_b += b[0];
+  }
+}
+
+template <class C, class F>
+FASTATTN_INLINE double lane_sum(int64_t n, F f) {
+  double sum = 0, unused = 0;
+  lane_sums<C>(n, [&](int64_t j, C& a, C&) FASTATTN_INLINE_LAMBDA { a += f(j); }, sum, unused);
+  return sum;
+}
 
 // Per-thread scratch of `slots` rows of `width` compute-type values, for kernels with several input and output
 // rows: compute-type rows are used in place, reduced-precision rows are converted into a slot (load) or out of

@@ -19,9 +19,12 @@ from torch import Tensor
 from fastattn import backends, reference
 from fastattn.ops._eager import EagerOp
 from fastattn.ops.dropout import dropout
+from fastattn.ops.norm import layer_norm
 
 KINDS = tuple(reference.RECURRENT_GATES)
-KIND_IDS = {"lstm": 0, "gru": 1, "rnn_tanh": 2, "rnn_relu": 3}  # the C++ kernels' RecurrentKind
+KIND_IDS = {"lstm": 0, "gru": 1, "rnn_tanh": 2, "rnn_relu": 3, "layernorm_lstm": 4}  # the C++ RecurrentKind
+LAYERNORM_LSTM = KIND_IDS["layernorm_lstm"]
+CELL_NORMS = ("norm_hh_weight", "norm_hh_bias", "norm_c_weight", "norm_c_bias")  # normalised inside the cell
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -30,9 +33,9 @@ FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 # ---------------------------------------------------------------------------------------------------------
 
 
-def _cpu_check(x: Tensor, kind: str) -> Optional[str]:
-    if kind not in KIND_IDS:
-        return f"no fused {kind} kernel yet"
+def _cpu_check(x: Tensor, kind: str, projected: bool) -> Optional[str]:
+    if kind == "layernorm_lstm" and projected:
+        return "no fused LayerNorm-LSTM with a projection (proj_size) yet"
     return None if x.dtype in FLOAT_DTYPES else f"dtype {x.dtype} is not one of {FLOAT_DTYPES}"
 
 
@@ -67,21 +70,30 @@ def _recurrent(
     lengths: Optional[Tensor],
     reverse: bool,
     save: bool,
+    norm_hh_weight: Optional[Tensor],
+    norm_hh_bias: Optional[Tensor],
+    norm_c_weight: Optional[Tensor],
+    norm_c_bias: Optional[Tensor],
+    eps: float,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(out (S, B, P), hstate (S + 1, B, P), cstate (S + 1, B, H) or empty, saved activations or empty): see the
-    ``recurrent_forward`` schema in csrc/fastattn.cpp."""
-    return _extension().recurrent_forward(kind, x_proj, h0, c0, w_hh, b_hh, w_hr, lengths, reverse, save)
+    ``recurrent_forward`` schema in csrc/fastattn.cpp (the norms and eps are the LayerNorm-LSTM's)."""
+    return _extension().recurrent_forward(kind, x_proj, h0, c0, w_hh, b_hh, w_hr, lengths, reverse, save,
+                                          norm_hh_weight, norm_hh_bias, norm_c_weight, norm_c_bias, eps)
 
 
 recurrent_op = torch.library.custom_op("fastattn::recurrent", _recurrent, mutates_args=())
 
 
 def _saved_width(kind: int, hidden: int) -> int:
+    """Saved values per row: csrc/recurrent.h's recurrent_saved_width."""
+    if kind == LAYERNORM_LSTM:
+        return 9 * hidden + 2
     return 4 * hidden if kind in (KIND_IDS["lstm"], KIND_IDS["gru"]) else 0
 
 
 @recurrent_op.register_fake
-def _(kind, x_proj, h0, c0, w_hh, b_hh, w_hr, lengths, reverse, save):
+def _(kind, x_proj, h0, c0, w_hh, b_hh, w_hr, lengths, reverse, save, *_norms_and_eps):
     (seq, batch, width), proj = x_proj.shape, w_hh.shape[1]
     hidden = width // reference.RECURRENT_GATES[KINDS[kind]]
     compute = reference.compute_dtype(x_proj.dtype)
@@ -106,13 +118,18 @@ def _recurrent_backward(
     saved: Tensor,
     lengths: Optional[Tensor],
     reverse: bool,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """(d_x_proj, d_h0, d_c0 or empty, d_w_hh, d_b_hh, d_w_hr or empty): see the ``recurrent_backward`` schema."""
+    norm_hh_weight: Optional[Tensor],
+    norm_hh_bias: Optional[Tensor],
+    norm_c_weight: Optional[Tensor],
+    norm_c_bias: Optional[Tensor],
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(d_x_proj, d_h0, d_c0 or empty, d_w_hh, d_b_hh, d_w_hr or empty, d_norms (10H,) or empty): see the
+    ``recurrent_backward`` schema."""
     if grad_out.stride(-1) != 1:
         grad_out = grad_out.contiguous()
     return _extension().recurrent_backward(
         kind, grad_out, grad_h_n, grad_c_n, w_hh, w_hr, hstate.contiguous(), cstate.contiguous(), saved.contiguous(),
-        lengths, reverse,
+        lengths, reverse, norm_hh_weight, norm_hh_bias, norm_c_weight, norm_c_bias,
     )  # fmt: skip
 
 
@@ -121,7 +138,7 @@ run_recurrent_backward = EagerOp(recurrent_backward_op, _recurrent_backward)
 
 
 @recurrent_backward_op.register_fake
-def _(kind, grad_out, grad_h_n, grad_c_n, w_hh, w_hr, hstate, cstate, saved, lengths, reverse):
+def _(kind, grad_out, grad_h_n, grad_c_n, w_hh, w_hr, hstate, cstate, saved, lengths, reverse, *_norms):
     seq, batch, proj = grad_out.shape
     width = w_hh.shape[0]
     hidden = width // reference.RECURRENT_GATES[KINDS[kind]]
@@ -132,30 +149,34 @@ def _(kind, grad_out, grad_h_n, grad_c_n, w_hh, w_hr, hstate, cstate, saved, len
         grad_out.new_empty(width, proj),
         grad_out.new_empty(width),
         grad_out.new_empty((proj, hidden) if w_hr is not None else (0,)),
+        grad_out.new_empty(10 * hidden if kind == LAYERNORM_LSTM else 0),
     )
 
 
 def _setup_context(ctx, inputs, output):
-    kind, x_proj, h0, c0, w_hh, b_hh, w_hr, lengths, reverse, save = inputs
+    kind, x_proj, h0, c0, w_hh, b_hh, w_hr, lengths, reverse, save, *norms, _eps = inputs
     _, hstate, cstate, saved = output
     ctx.mark_non_differentiable(saved)
     ctx.kind, ctx.reverse, ctx.has_c0, ctx.has_b_hh = kind, reverse, c0 is not None, b_hh is not None
-    ctx.save_for_backward(w_hh, w_hr, hstate, cstate, saved, lengths)
+    ctx.save_for_backward(w_hh, w_hr, hstate, cstate, saved, lengths, *norms)
 
 
 def _backward(ctx, grad_out, grad_hstate, grad_cstate, _grad_saved):
-    w_hh, w_hr, hstate, cstate, saved, lengths = ctx.saved_tensors
+    w_hh, w_hr, hstate, cstate, saved, lengths, *norms = ctx.saved_tensors
     end = 0 if ctx.reverse else -1  # h_n and c_n are the states after the last step run
     grad_h_n = None if grad_hstate is None else grad_hstate[end]
     grad_c_n = None if grad_cstate is None or not grad_cstate.numel() else grad_cstate[end]
     if grad_out is None:
         grad_out = hstate.new_zeros(hstate.shape[0] - 1, *hstate.shape[1:])
-    d_x, d_h0, d_c0, d_w_hh, d_b_hh, d_w_hr = run_recurrent_backward(
-        ctx.kind, grad_out, grad_h_n, grad_c_n, w_hh, w_hr, hstate, cstate, saved, lengths, ctx.reverse
+    d_x, d_h0, d_c0, d_w_hh, d_b_hh, d_w_hr, d_norms = run_recurrent_backward(
+        ctx.kind, grad_out, grad_h_n, grad_c_n, w_hh, w_hr, hstate, cstate, saved, lengths, ctx.reverse, *norms
     )
+    hidden = w_hh.shape[0] // 4
+    d_norm_parts = d_norms.split([4 * hidden, 4 * hidden, hidden, hidden]) if d_norms.numel() else (None,) * 4
     return (
         None, d_x, d_h0, d_c0 if ctx.has_c0 else None, d_w_hh, d_b_hh if ctx.has_b_hh else None,
         d_w_hr if w_hr is not None else None, None, None, None,
+        *(d if norm is not None else None for d, norm in zip(d_norm_parts, norms, strict=True)), None,
     )  # fmt: skip
 
 
@@ -224,16 +245,24 @@ def recurrent_layer(
     lengths (batch,) may be on the CPU or x's device; it is read on x's device."""
     if kind not in KINDS:
         raise ValueError(f"fastattn.recurrent_layer: kind must be one of {sorted(KINDS)}, got {kind!r}")
-    name = backends.select("recurrent", x.device, CHECKS, x, kind)
+    w = {key: weights.get(key) for key in reference.RECURRENT_PARAMS}
+    name = backends.select("recurrent", x.device, CHECKS, x, kind, w["weight_hr"] is not None)
     if name == "reference" or x.shape[0] == 0:
         return reference.recurrent_layer(kind, x, h0, c0, weights, lengths, reverse, eps)
-    w = {key: weights.get(key) for key in reference.RECURRENT_PARAMS}
-    x_proj = _input_projection(x, w["weight_ih"], w["bias_ih"])  # (seq, batch, G*H), every step at once
+    if kind == "layernorm_lstm":  # LN_ih on every step's projection at once; both biases join after the norms
+        gates = w["weight_hh"].shape[0]
+        x_proj = layer_norm(_input_projection(x, w["weight_ih"], None), (gates,), w["norm_ih_weight"],
+                            w["norm_ih_bias"], eps)
+        biases = [b for b in (w["bias_ih"], w["bias_hh"]) if b is not None]
+        b_hh = sum(biases) if biases else None
+    else:
+        x_proj, b_hh = _input_projection(x, w["weight_ih"], w["bias_ih"]), w["bias_hh"]  # every step at once
     if lengths is not None:
         lengths = torch.as_tensor(lengths).to(device=x.device, dtype=torch.long).contiguous()
-    tensors = (x_proj, h0, c0, w["weight_hh"], w["bias_hh"], w["weight_hr"])
+    norms = tuple(w[key] for key in CELL_NORMS) if kind == "layernorm_lstm" else (None,) * 4
+    tensors = (x_proj, h0, c0, w["weight_hh"], b_hh, w["weight_hr"], *norms)
     save = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
-    out, hstate, cstate, _ = run_recurrent(KIND_IDS[kind], *tensors, lengths, reverse, save)
+    out, hstate, cstate, _ = run_recurrent(KIND_IDS[kind], *tensors[:6], lengths, reverse, save, *norms, eps)
     end = 0 if reverse else -1
     return out, hstate[end], None if c0 is None else cstate[end].to(x.dtype)
 

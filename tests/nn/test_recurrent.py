@@ -51,8 +51,10 @@ def config_id(config):
 
 
 def make_pair(kind, dtype=F64, **config):
-    """(ours, torch's) with the same parameters, drawn by torch's own initialisation."""
+    """(ours, torch's) with the same parameters, drawn by torch's own initialisation from a fixed seed (a ReLU
+    RNN drawn at random can leave a gradient all zero)."""
     torch_cls, our_cls, extra = KINDS[kind]
+    torch.manual_seed(0)
     theirs = torch_cls(INPUT, HIDDEN, **extra, **config, dtype=dtype)
     ours = our_cls(INPUT, HIDDEN, **extra, **config, dtype=dtype)
     ours.load_state_dict(theirs.state_dict())

@@ -9,7 +9,9 @@ from fastattn import backends, reference
 from fastattn.ops import recurrent as ops
 from fastattn.testing import GRADIENT_RATIO, assert_close, assert_error_ratio
 
-KINDS = ["lstm", "gru", "rnn_tanh", "rnn_relu"]
+KINDS = ["lstm", "gru", "rnn_tanh", "rnn_relu", "layernorm_lstm"]
+CELLS = ("lstm", "layernorm_lstm")  # the kinds with a cell state c
+NO_NORMS = (None, None, None, None, 1e-5)  # the op's LayerNorm-LSTM arguments, for the other kinds
 # (backend, device) pairs with a recurrent kernel; the triton and cuda kernels are not written yet.
 BACKENDS = [("cpu", "cpu"), ("reference", "cpu")]
 
@@ -38,7 +40,10 @@ def make_problem(kind, seq, batch, inp, hidden, proj=0, bias=True, dtype=torch.f
         weights.update(bias_ih=rand(gates * hidden), bias_hh=rand(gates * hidden))
     if proj:
         weights["weight_hr"] = rand(proj, hidden)
-    c0 = rand(batch, hidden) if gates == 4 else None
+    if kind == "layernorm_lstm":  # affine pairs away from (1, 0), so that a mix-up shows
+        for norm, size in (("ih", gates * hidden), ("hh", gates * hidden), ("c", hidden)):
+            weights.update({f"norm_{norm}_weight": 1 + rand(size), f"norm_{norm}_bias": rand(size)})
+    c0 = rand(batch, hidden) if kind in CELLS else None
     return rand(seq, batch, inp, scale=1.0), rand(batch, p), c0, weights
 
 
@@ -87,7 +92,7 @@ CASES = [  # (seq, batch, input, hidden, proj)
 def test_float64_matches_reference(backend_device, kind, case, with_lengths, reverse):
     seq, batch, inp, hidden, proj = case
     if proj and kind != "lstm":
-        pytest.skip("the projection is the LSTM's")
+        pytest.skip("the projection is the LSTM's (the LayerNorm-LSTM's runs on the reference: see below)")
     problem = make_problem(kind, seq, batch, inp, hidden, proj)
     lengths = torch.arange(batch) % seq + 1 if with_lengths else None  # 1, 2, ... (some rows end early)
     values, grads = run(ops.recurrent_layer, kind, problem, lengths, reverse)
@@ -137,7 +142,7 @@ def test_inference_saves_nothing_and_matches():
         out, h_n, c_n = ops.recurrent_layer("lstm", *problem[:3], problem[3])
         x_proj = torch.nn.functional.linear(problem[0], problem[3]["weight_ih"], problem[3]["bias_ih"])
         *_, saved = ops.run_recurrent(0, x_proj, problem[1], problem[2], problem[3]["weight_hh"],
-                                      problem[3]["bias_hh"], None, None, False, False)  # fmt: skip
+                                      problem[3]["bias_hh"], None, None, False, False, *NO_NORMS)  # fmt: skip
     assert saved.numel() == 0
     ref = reference.recurrent_layer("lstm", *problem[:3], problem[3])
     for ours, truth in zip((out, h_n, c_n), ref, strict=True):
@@ -151,11 +156,15 @@ def test_opcheck_and_compile():
     for kind, proj in ((0, weights["weight_hr"]), (0, None)):
         w_hh = weights["weight_hh"] if proj is not None else torch.randn(20, 5, dtype=torch.float64, requires_grad=True)
         h = h0 if proj is not None else torch.randn(2, 5, dtype=torch.float64, requires_grad=True)
-        args = (kind, x_proj, h, c0, w_hh, weights["bias_hh"], proj, lengths, True, True)
+        args = (kind, x_proj, h, c0, w_hh, weights["bias_hh"], proj, lengths, True, True, *NO_NORMS)
         torch.library.opcheck(ops.recurrent_op, args)
     gx, gh0, _, gw = make_problem("gru", 4, 2, 3, 5)
     torch.library.opcheck(ops.recurrent_op, (1, torch.nn.functional.linear(gx, gw["weight_ih"]).detach(), gh0, None,
-                                             gw["weight_hh"], gw["bias_hh"], None, None, False, True))
+                                             gw["weight_hh"], gw["bias_hh"], None, None, False, True, *NO_NORMS))
+    lx, lh0, lc0, lw = make_problem("layernorm_lstm", 4, 2, 3, 5)
+    norms = [lw[f"norm_{n}"] for n in ("hh_weight", "hh_bias", "c_weight", "c_bias")]
+    torch.library.opcheck(ops.recurrent_op, (4, torch.nn.functional.linear(lx, lw["weight_ih"]).detach(), lh0, lc0,
+                                             lw["weight_hh"], lw["bias_hh"], None, lengths, False, True, *norms, 1e-5))
 
     def layer(x, h0, c0, w_ih, w_hh):
         out, h_n, c_n = ops.recurrent_layer("lstm", x, h0, c0, {"weight_ih": w_ih, "weight_hh": w_hh})
@@ -172,13 +181,28 @@ def test_opcheck_and_compile():
             assert_close(ours, truth, atol=atol)
 
 
-def test_layernorm_lstm_runs_on_the_reference_and_says_so():
-    x, h0, c0, weights = make_problem("lstm", 3, 2, 4, 5)
-    weights.update(norm_ih_weight=torch.ones(20, dtype=torch.float64), norm_c_weight=torch.ones(5, dtype=torch.float64))
+def test_projected_layernorm_lstm_runs_on_the_reference_and_says_so():
+    x, h0, c0, weights = make_problem("layernorm_lstm", 3, 2, 4, 5, proj=3)
     with backends.record() as calls:
         out, h_n, c_n = ops.recurrent_layer("layernorm_lstm", x, h0, c0, weights)
-    assert calls[-1].backend == "reference" and "layernorm_lstm" in calls[-1].skipped["cpu"]
+    assert calls[-1].backend == "reference" and "projection" in calls[-1].skipped["cpu"]
     assert_close(out, reference.recurrent_layer("layernorm_lstm", x, h0, c0, weights)[0], atol=0)
+
+
+@pytest.mark.parametrize("absent", ["norm_ih_weight", "norm_hh_bias", "norm_c_weight", "norm_c_bias", "biases"])
+def test_layernorm_lstm_without_some_affine_parameters(absent):
+    """An absent norm weight reads 1 and an absent bias 0, as in the reference."""
+    x, h0, c0, weights = make_problem("layernorm_lstm", 5, 3, 4, 6)
+    for key in ("bias_ih", "bias_hh") if absent == "biases" else (absent,):
+        del weights[key]
+    problem = (x, h0, c0, weights)
+    lengths = torch.tensor([5, 2, 3])
+    with backends.record() as calls:
+        values, grads = run(ops.recurrent_layer, "layernorm_lstm", problem, lengths, True)
+    assert [c.backend for c in calls if c.op == "recurrent"] == ["cpu"]
+    ref_values, ref_grads = run(reference.recurrent_layer, "layernorm_lstm", problem, lengths, True)
+    for ours, truth in zip(values + grads, ref_values + ref_grads, strict=True):
+        assert_near(ours, truth, 1e-11)
 
 
 def test_bad_kind():
