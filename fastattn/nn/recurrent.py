@@ -17,8 +17,9 @@ from torch import Tensor
 from torch.nn import Parameter, init
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
+from fastattn import backends
 from fastattn.nn._drop_in import DropIn
-from fastattn.ops.recurrent import recurrent
+from fastattn.ops.recurrent import recurrent, unfused_reason
 
 State = Tensor | tuple[Tensor, Tensor]  # h for the GRU and RNN, (h, c) for the LSTMs
 
@@ -38,6 +39,10 @@ class _Recurrent:
     def _eps(self) -> float:
         return 1e-5
 
+    def _unfused_reason(self, x: Tensor) -> str | None:
+        """Why no fused kernel runs x here (then torch.nn's forward does), or None."""
+        return unfused_reason(x, self._kind(), self.proj_size > 0)
+
     def _has_cell(self) -> bool:
         return isinstance(self, torch.nn.LSTM)
 
@@ -45,6 +50,11 @@ class _Recurrent:
         """input (seq, N, input_size) (N first when batch_first), (seq, input_size) or a PackedSequence; hx None
         (zeros), h_0 or, for the LSTMs, (h_0, c_0) -> (output, h_n), or (output, (h_n, c_n)) for the LSTMs."""
         self._update_flat_weights()
+        data = input.data if isinstance(input, PackedSequence) else input
+        why_torch = self._unfused_reason(data)
+        if why_torch is not None:  # torch.nn's own kernels (cuDNN, oneDNN) beat the reference loop
+            backends.report_fallback("recurrent", "torch.nn", why_torch)
+            return super().forward(input, hx)
         if isinstance(input, PackedSequence):
             return self._forward_packed(input, hx)
         if input.dim() not in (2, 3):
@@ -209,6 +219,9 @@ class LayerNormLSTM(_Recurrent, torch.nn.LSTM):
 
     def _kind(self) -> str:
         return "layernorm_lstm"
+
+    def _unfused_reason(self, x: Tensor) -> str | None:
+        return None  # torch.nn has no LayerNorm-LSTM: without a fused kernel the op runs the reference
 
     def _param_names(self) -> list[str]:
         return list(self._flat_weights_names) + [name for name, _ in self._norm_shapes()]

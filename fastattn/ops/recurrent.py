@@ -229,6 +229,24 @@ def _input_projection(x: Tensor, w: Tensor, b: Optional[Tensor]) -> Tensor:
 # ---------------------------------------------------------------------------------------------------------
 
 
+def unfused_reason(x: Tensor, kind: str, projected: bool = False) -> Optional[str]:
+    """None when a fused kernel would run this layer on x's device (or a backend is forced), else why each fused
+    backend cannot: the drop-in modules then run torch.nn's own code (cuDNN, oneDNN) rather than the reference."""
+    if backends.forced() is not None:
+        return None
+    reasons = []
+    for name in backends.PRIORITY.get(x.device.type, ()):
+        if name == "reference":
+            break
+        reason = backends.unavailable_reason(name, x.device)
+        if reason is None:
+            reason = CHECKS[name](x, kind, projected) if name in CHECKS else f"no {name} recurrent kernel"
+        if reason is None:
+            return None
+        reasons.append(f"{name}: {reason}")
+    return "; ".join(reasons) or f"no fused recurrent kernel for {x.device.type} tensors"
+
+
 def recurrent_layer(
     kind: str,
     x: Tensor,
@@ -294,4 +312,4 @@ def recurrent(
                                layer_fn=recurrent_layer, between=lambda out, _: dropout(out, dropout_p, training))
 
 
-__all__ = ["recurrent", "recurrent_layer"]
+__all__ = ["recurrent", "recurrent_layer", "unfused_reason"]

@@ -147,6 +147,36 @@ def test_matches_torch_nn(kind, config, scenario):
         assert_close(a, b, atol=ATOL, name=f"grad {name}")
 
 
+@pytest.mark.parametrize("kind", sorted(KINDS))
+def test_the_fused_kernel_runs(kind):
+    ours, _ = make_pair(kind)
+    x, hx = make_inputs(ours, 4, 2, True)
+    with fastattn.record() as calls:
+        ours(x, hx)
+    assert [(c.op, c.backend) for c in calls] == [("recurrent", "cpu")]
+
+
+@pytest.mark.parametrize("kind", sorted(KINDS))
+def test_without_a_fused_kernel_torchs_own_code_runs_and_says_so(kind, monkeypatch):
+    """Where no fused kernel can run (here: the CPU one refuses), the drop-ins run torch.nn's forward (cuDNN or
+    oneDNN), not the slow reference loop; the LayerNorm-LSTM, which torch.nn lacks, runs the reference."""
+    from fastattn.ops import recurrent as ops
+
+    monkeypatch.setitem(ops.CHECKS, "cpu", lambda *_: "refused by this test")
+    ours, theirs = make_pair(kind)
+    x, hx = make_inputs(ours, 4, 2, True)
+    with fastattn.record() as calls:
+        got = ours(x, hx)
+    assert [(c.op, c.backend) for c in calls] == [("recurrent", "torch.nn")]
+    assert "refused by this test" in calls[0].skipped["fastattn"]
+    for a, b in zip(flat(got), flat(theirs(x, hx)), strict=True):
+        assert torch.equal(a, b)
+    ln = fastattn.LayerNormLSTM(INPUT, HIDDEN, dtype=F64)
+    with fastattn.record() as calls:
+        ln(x, hx if kind == "lstm" else None)
+    assert [(c.op, c.backend) for c in calls] == [("recurrent", "reference")]
+
+
 @pytest.mark.parametrize("kind, config", GRID, ids=[f"{k}-{config_id(c)}" for k, c in GRID])
 def test_state_dict_repr_and_initialisation_are_torchs(kind, config):
     torch_cls, our_cls, extra = KINDS[kind]
