@@ -3,8 +3,10 @@
 // projection a second, h W_hr^T) and one fused pointwise kernel, `Cells::forward` / `Cells::backward` on the
 // arguments of csrc/recurrent.h. Backward through time runs the steps in reverse with one matmul per step (the
 // gradient reaching h_prev); the weight gradients are one ATen matmul each at the end. The per-step matmuls go
-// through `Cells::prepare(w, batch)` once per call (a device may prepack w) and `Cells::linear(x, w, add)` =
-// x w^T + add; AtenStepLinear is the plain ATen version.
+// through `Cells::prepare(w, batch)` once per call (a device may prepack w) and `Cells::linear(x, w, add, buffer)`
+// = x w^T + add, written into buffer or into a new tensor (either returned); AtenStepLinear is the plain ATen
+// version. Per-step slices are addressed by pointer (step_ptr), not by tensor indexing, to keep the per-step
+// overhead of small, launch-bound problems low.
 //
 // Buffers are in time order. hstate (S + 1, B, P) holds the states: the state before step t is
 // hstate[t + reverse] and after it hstate[t + 1 - reverse], so h0 sits at hstate[S * reverse] and h_n at the
@@ -62,10 +64,15 @@ inline CellNormTensors cell_norms(const std::optional<at::Tensor>& hh_weight, co
 // The per-step matmuls on plain ATen: y = x w^T (+ add), w (N, K) as given.
 struct AtenStepLinear {
   at::Tensor prepare(const at::Tensor& w, int64_t /*batch*/) const { return w; }
-  at::Tensor linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& add) const {
-    return add.defined() ? at::addmm(add, x, w.t()) : at::mm(x, w.t());
+  at::Tensor linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& add, at::Tensor& buffer) const {
+    return add.defined() ? at::addmm_out(buffer, add, x, w.t()) : at::mm_out(buffer, x, w.t());
   }
 };
+
+// The address of slice i along dim 0 of t (t[i].data_ptr() without making a tensor).
+inline void* step_ptr(const at::Tensor& t, int64_t i) {
+  return static_cast<char*>(t.data_ptr()) + i * t.stride(0) * static_cast<int64_t>(t.element_size());
+}
 
 // Shapes of one layer's problem, checked against the schema's contract.
 struct RecurrentShape {
@@ -124,37 +131,40 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> recurrent_forward_loo
   const int64_t width = recurrent_saved_width(s.kind, H);
   auto saved = at::empty({save && width ? S : 0, B, width}, x_proj.options().dtype(compute));
   auto h_pre = project ? at::empty({B, H}, x_proj.options()) : at::Tensor();
+  auto hh_buffer = at::empty({B, GH}, x_proj.options());
+  auto hr_buffer = project ? at::empty({B, P}, x_proj.options()) : at::Tensor();
   const auto w_hh_p = cells.prepare(w_hh, B);
   const auto w_hr_p = project ? cells.prepare(*w_hr, B) : at::Tensor();
   at::Tensor b = b_hh.has_value() && b_hh->defined() ? b_hh->contiguous() : at::Tensor();
   const int64_t* len = lengths.has_value() && lengths->defined() ? lengths->data_ptr<int64_t>() : nullptr;
   for (int64_t k = 0; k < S; ++k) {
     const int64_t t = reverse ? S - 1 - k : k, before = t + rev, after = t + 1 - rev;
-    at::Tensor h_prev = hstate[before], h_next = hstate[after];
-    const at::Tensor hh = cells.linear(h_prev, w_hh_p, at::Tensor());
+    const at::Tensor h_prev = hstate[before];
+    const at::Tensor hh = cells.linear(h_prev, w_hh_p, at::Tensor(), hh_buffer);
     RecurrentStepForwardArgs a{};
     a.kind = s.kind;
     a.dtype = dtype_of(x_proj);
     a.batch = B;
     a.hidden = H;
-    a.x = x_proj[t].data_ptr();
+    a.x = step_ptr(x_proj, t);
     a.x_stride = x_proj.stride(1);
     a.hh = hh.data_ptr();
     a.b_hh = b.defined() ? b.data_ptr() : nullptr;
     a.h_prev = h_prev.data_ptr();
-    a.c_prev = lstm ? cstate[before].data_ptr() : nullptr;
-    a.c_new = lstm ? cstate[after].data_ptr() : nullptr;
-    a.h_new = project ? h_pre.data_ptr() : h_next.data_ptr();
-    a.out = project ? nullptr : out[t].data_ptr();
+    a.c_prev = lstm ? step_ptr(cstate, before) : nullptr;
+    a.c_new = lstm ? step_ptr(cstate, after) : nullptr;
+    a.h_new = project ? h_pre.data_ptr() : step_ptr(hstate, after);
+    a.out = project ? nullptr : step_ptr(out, t);
     a.out_stride = P;
-    a.saved = saved.numel() ? saved[t].data_ptr() : nullptr;
+    a.saved = saved.numel() ? step_ptr(saved, t) : nullptr;
     a.lengths = len;
     a.step = t;
     a.project = project;
     a.norms = norms.args(eps);
     cells.forward(a);
     if (project) {
-      h_next.copy_(cells.linear(h_pre, w_hr_p, at::Tensor()));
+      at::Tensor h_next = hstate[after];
+      h_next.copy_(cells.linear(h_pre, w_hr_p, at::Tensor(), hr_buffer));
       if (len != nullptr) {
         const auto live = lengths->gt(t).unsqueeze(1);
         h_next.copy_(at::where(live, h_next, h_prev));
@@ -206,9 +216,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   if (lstm) {
     dc = data_or_null(grad_c_n) ? grad_c_n->to(compute).contiguous().clone() : at::zeros({B, H}, opts.dtype(compute));
   }
-  auto pass = at::empty({B, P}, opts);
+  auto pass = at::empty({B, P}, opts), dh_buffer = at::empty({B, P}, opts);
   auto d_hp = project ? at::zeros({S, B, P}, opts) : at::Tensor();
-  at::Tensor dh_pre;
+  at::Tensor dh_pre, dh_pre_buffer = project ? at::empty({B, H}, opts) : at::Tensor();
   const int64_t* len = lengths.has_value() && lengths->defined() ? lengths->data_ptr<int64_t>() : nullptr;
   const auto w_hh_p = cells.prepare(w_hh.t().contiguous(), B);  // dh_prev = d_hh W_hh
   const auto w_hr_p = project ? cells.prepare(w_hr->t().contiguous(), B) : at::Tensor();
@@ -227,35 +237,35 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
         dh_total = at::where(live, dh_total, dh);
       }
       d_hp[t].copy_(len != nullptr ? dh_total * live : dh_total);
-      dh_pre = cells.linear(dh_total, w_hr_p, at::Tensor());
+      dh_pre = cells.linear(dh_total, w_hr_p, at::Tensor(), dh_pre_buffer);
       dh = dh_total;
       a.dh = dh_pre.data_ptr();
     } else {
-      a.grad_out = grad_out[t].data_ptr();
+      a.grad_out = step_ptr(grad_out, t);
       a.grad_out_stride = grad_out.stride(1);
       a.dh = dh.data_ptr();
       a.dh_pass = pass.data_ptr();
     }
     a.dc = lstm ? dc.data_ptr() : nullptr;
     a.dc_prev = lstm ? dc.data_ptr() : nullptr;  // updated in place
-    a.saved = saved.numel() ? saved[t].data_ptr() : nullptr;
-    a.c_prev = lstm ? cstate[before].data_ptr() : nullptr;
-    a.c_new = lstm ? cstate[after].data_ptr() : nullptr;
-    a.h_prev = hstate[before].data_ptr();
-    a.h_new = hstate[after].data_ptr();
-    a.d_hh = d_hh[t].data_ptr();
-    a.d_x = own_d_x ? d_x[t].data_ptr() : nullptr;
+    a.saved = saved.numel() ? step_ptr(saved, t) : nullptr;
+    a.c_prev = lstm ? step_ptr(cstate, before) : nullptr;
+    a.c_new = lstm ? step_ptr(cstate, after) : nullptr;
+    a.h_prev = step_ptr(hstate, before);
+    a.h_new = step_ptr(hstate, after);
+    a.d_hh = step_ptr(d_hh, t);
+    a.d_x = own_d_x ? step_ptr(d_x, t) : nullptr;
     a.d_x_stride = GH;
-    a.d_cn = layernorm ? d_cn[t].data_ptr() : nullptr;
+    a.d_cn = layernorm ? step_ptr(d_cn, t) : nullptr;
     a.norms = norms.args(0.0);
     a.lengths = len;
     a.step = t;
     cells.backward(a);
     if (project) {  // rows not live pass dh_total on untouched
       at::Tensor carry = len != nullptr ? dh * live.logical_not() : at::zeros_like(dh);
-      dh = cells.linear(d_hh[t], w_hh_p, carry);
+      dh = cells.linear(d_hh[t], w_hh_p, carry, dh_buffer);
     } else {
-      dh = cells.linear(d_hh[t], w_hh_p, pass);
+      dh = cells.linear(d_hh[t], w_hh_p, pass, dh_buffer);
     }
   }
   const auto d_hh_2d = d_hh.view({S * B, GH});

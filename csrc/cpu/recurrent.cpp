@@ -1,8 +1,8 @@
 // CPU implementation of the fastattn_C recurrent ops (schemas in csrc/fastattn.cpp): the time loop of
 // csrc/recurrent_driver.h with the pointwise cells of csrc/cpu/recurrent_kernel.cpp, each step's rows split over
-// at::parallel_for. Float32 steps multiply through oneDNN with the weight prepacked once per call (ATen's own
-// mkldnn::_reorder_linear_weight and _linear_pointwise ops, about 1.6x MKL's sgemm at LSTM step shapes); other
-// dtypes, and torch builds without oneDNN, use ATen's mm.
+// at::parallel_for. Large float32 steps multiply through oneDNN with the weight prepacked once per call (ATen's
+// own mkldnn::_reorder_linear_weight and _linear_pointwise ops, about 1.6x MKL's sgemm at LSTM step shapes);
+// small steps, other dtypes, and torch builds without oneDNN use ATen's mm.
 #include <ATen/Parallel.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
@@ -55,17 +55,23 @@ class OneDnnLinear {
   c10::TypedOperatorHandle<LinearAdd> linear_add_;
 };
 
-bool use_onednn(const at::Tensor& t) { return t.scalar_type() == at::kFloat && OneDnnLinear::get() != nullptr; }
+// Below this many multiply-adds per step (batch * N * K) MKL's small-matrix path beats oneDNN's call overhead.
+constexpr int64_t kOneDnnMinMacs = int64_t(1) << 22;
 
 struct CpuCells {
-  at::Tensor prepare(const at::Tensor& w, int64_t batch) const {
-    return use_onednn(w) ? OneDnnLinear::get()->prepack(w, batch) : w;
-  }
-  at::Tensor linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& add) const {
-    if (use_onednn(x)) return OneDnnLinear::get()->linear(x, w, add);
-    return AtenStepLinear{}.linear(x, w, add);
-  }
   static int64_t grain(int64_t kind_width) { return std::max<int64_t>(1, kMinElementsPerTask / kind_width); }
+  // w (N, K) prepacked for oneDNN when float32 and large enough; else w itself (ATen's mm).
+  at::Tensor prepare(const at::Tensor& w, int64_t batch) const {
+    const bool large = batch * w.size(0) * w.size(1) >= kOneDnnMinMacs;
+    if (w.scalar_type() == at::kFloat && large && OneDnnLinear::get() != nullptr) {
+      return OneDnnLinear::get()->prepack(w, batch);
+    }
+    return w;
+  }
+  at::Tensor linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& add, at::Tensor& buffer) const {
+    if (w.is_mkldnn()) return OneDnnLinear::get()->linear(x, w, add);
+    return AtenStepLinear{}.linear(x, w, add, buffer);
+  }
   void forward(const RecurrentStepForwardArgs& a) const {
     at::parallel_for(0, a.batch, grain(4 * a.hidden),
                      [&](int64_t begin, int64_t end) { recurrent_step_forward_cpu_rows(a, begin, end); });

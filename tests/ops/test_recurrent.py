@@ -135,6 +135,24 @@ def test_low_precision_error_ratio(backend_device, kind, dtype):
         assert_error_ratio(ours, truth, base, ratio=GRADIENT_RATIO, name="gradient")
 
 
+@pytest.mark.parametrize("kind", ["lstm", "gru"])
+def test_large_float32_steps_on_onednn(kind):
+    """Steps of batch * 4H * H >= 2^22 multiply-adds run through oneDNN's prepacked linear on the CPU (smaller
+    ones through ATen's mm): the error-ratio rule against float64 holds there too, forward and backward."""
+    problem = make_problem(kind, 3, 16, 8, 256, dtype=torch.float32)
+    with torch.profiler.profile() as prof:
+        values, grads = run(ops.recurrent_layer, kind, problem, None, False)
+    if torch.backends.mkldnn.is_available():
+        assert "mkldnn::_linear_pointwise" in {event.name for event in prof.events()}
+    baseline_values, baseline_grads = run(reference.recurrent_layer, kind, problem, None, False)
+    truth_values, truth_grads = run(reference.recurrent_layer, kind, as_float64(problem), None, False)
+    for ours, base, truth in zip(values, baseline_values, truth_values, strict=True):
+        if truth is not None:
+            assert_error_ratio(ours, truth, base)
+    for ours, base, truth in zip(grads, baseline_grads, truth_grads, strict=True):
+        assert_error_ratio(ours, truth, base, ratio=GRADIENT_RATIO, name="gradient")
+
+
 def test_inference_saves_nothing_and_matches():
     """Under no_grad the op keeps no activations; the values are those of the differentiable run."""
     problem = make_problem("lstm", 5, 2, 3, 6)
