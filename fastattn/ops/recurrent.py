@@ -26,6 +26,10 @@ KIND_IDS = {"lstm": 0, "gru": 1, "rnn_tanh": 2, "rnn_relu": 3, "layernorm_lstm":
 LAYERNORM_LSTM = KIND_IDS["layernorm_lstm"]
 CELL_NORMS = ("norm_hh_weight", "norm_hh_bias", "norm_c_weight", "norm_c_bias")  # normalised inside the cell
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+# Inference on the CPU runs the steps in chunks of about this many (step, batch) rows, each chunk's projection
+# in memory the allocator reuses: one projection of every step at once writes fresh pages (page faults) and
+# runs its GEMM less efficiently at such sizes.
+INFERENCE_CHUNK_ROWS = 1024
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -267,22 +271,37 @@ def recurrent_layer(
     name = backends.select("recurrent", x.device, CHECKS, x, kind, w["weight_hr"] is not None)
     if name == "reference" or x.shape[0] == 0:
         return reference.recurrent_layer(kind, x, h0, c0, weights, lengths, reverse, eps)
-    if kind == "layernorm_lstm":  # LN_ih on every step's projection at once; both biases join after the norms
-        gates = w["weight_hh"].shape[0]
-        x_proj = layer_norm(_input_projection(x, w["weight_ih"], None), (gates,), w["norm_ih_weight"],
-                            w["norm_ih_bias"], eps)
-        biases = [b for b in (w["bias_ih"], w["bias_hh"]) if b is not None]
-        b_hh = sum(biases) if biases else None
-    else:
-        x_proj, b_hh = _input_projection(x, w["weight_ih"], w["bias_ih"]), w["bias_hh"]  # every step at once
     if lengths is not None:
         lengths = torch.as_tensor(lengths).to(device=x.device, dtype=torch.long).contiguous()
     norms = tuple(w[key] for key in CELL_NORMS) if kind == "layernorm_lstm" else (None,) * 4
-    tensors = (x_proj, h0, c0, w["weight_hh"], b_hh, w["weight_hr"], *norms)
-    save = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
-    out, hstate, cstate, _ = run_recurrent(KIND_IDS[kind], *tensors[:6], lengths, reverse, save, *norms, eps)
-    end = 0 if reverse else -1
-    return out, hstate[end], None if c0 is None else cstate[end].to(x.dtype)
+    leaves = (x, h0, c0, *w.values())
+    save = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in leaves)
+    steps = max(1, INFERENCE_CHUNK_ROWS // max(1, x.shape[1]))
+    chunks = [(0, x.shape[0])]
+    if not save and x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64):  # c stays exact
+        chunks = [(t, min(t + steps, x.shape[0])) for t in range(0, x.shape[0], steps)]
+    h, c, outs = h0, c0, []
+    for begin, end in reversed(chunks) if reverse else chunks:
+        x_proj, b_hh = _project(kind, x[begin:end], w, eps)
+        chunk_lengths = None if lengths is None else (lengths - begin).clamp_(min=0)
+        out, hstate, cstate, _ = run_recurrent(KIND_IDS[kind], x_proj, h, c, w["weight_hh"], b_hh, w["weight_hr"],
+                                               chunk_lengths, reverse, save, *norms, eps)  # fmt: skip
+        last = 0 if reverse else -1
+        h, c = hstate[last], None if c0 is None else cstate[last].to(x.dtype)
+        outs.append(out)
+    out = outs[0] if len(outs) == 1 else torch.cat(outs[::-1] if reverse else outs)
+    return out, h, c
+
+
+def _project(kind: str, x: Tensor, w: dict, eps: float) -> tuple[Tensor, Optional[Tensor]]:
+    """(x_proj (seq, batch, G*H), the bias the cell adds): every step's input projection at once."""
+    if kind != "layernorm_lstm":
+        return _input_projection(x, w["weight_ih"], w["bias_ih"]), w["bias_hh"]
+    # LN_ih on the projection; both biases join after the norms.
+    x_proj = layer_norm(_input_projection(x, w["weight_ih"], None), (w["weight_hh"].shape[0],), w["norm_ih_weight"],
+                        w["norm_ih_bias"], eps)  # fmt: skip
+    biases = [b for b in (w["bias_ih"], w["bias_hh"]) if b is not None]
+    return x_proj, sum(biases) if biases else None
 
 
 def recurrent(

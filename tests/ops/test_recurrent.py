@@ -153,6 +153,23 @@ def test_large_float32_steps_on_onednn(kind):
         assert_error_ratio(ours, truth, base, ratio=GRADIENT_RATIO, name="gradient")
 
 
+@pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_inference_in_chunks_of_steps(kind, reverse, monkeypatch):
+    """CPU inference runs the steps in chunks (here of 2 steps: 13 = 6 x 2 + 1), the state carried between them
+    and lengths shifted: the values are those of one pass."""
+    monkeypatch.setattr(ops, "INFERENCE_CHUNK_ROWS", 6)  # batch 3: 2 steps a chunk
+    x, h0, c0, weights = make_problem(kind, 13, 3, 4, 6)
+    lengths = torch.tensor([13, 4, 7])
+    with torch.no_grad(), backends.record() as calls:
+        ours = ops.recurrent_layer(kind, x, h0, c0, weights, lengths, reverse)
+    assert [c.backend for c in calls if c.op == "recurrent"] == ["cpu"]
+    truth = reference.recurrent_layer(kind, x, h0, c0, weights, lengths, reverse)
+    for a, b in zip(ours, truth, strict=True):
+        if b is not None:
+            assert_near(a, b, 1e-12)
+
+
 def test_inference_saves_nothing_and_matches():
     """Under no_grad the op keeps no activations; the values are those of the differentiable run."""
     problem = make_problem("lstm", 5, 2, 3, 6)
