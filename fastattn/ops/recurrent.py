@@ -15,6 +15,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.compiler import is_compiling as compiling
 
 from fastattn import backends, reference
 from fastattn.ops._eager import EagerOp
@@ -223,7 +224,8 @@ class _OneDnnLinear(torch.autograd.Function):
 
 def _input_projection(x: Tensor, w: Tensor, b: Optional[Tensor]) -> Tensor:
     """x (seq, batch, input) -> x w^T + b (seq, batch, G*H)."""
-    if ONEDNN_LINEAR and x.device.type == "cpu" and x.dtype == w.dtype == torch.float32:
+    # Inductor lowers mkldnn's linear only with a constant (frozen) weight: compiled graphs keep F.linear.
+    if ONEDNN_LINEAR and x.device.type == "cpu" and x.dtype == w.dtype == torch.float32 and not compiling():
         return _OneDnnLinear.apply(x, w, b)
     return F.linear(x, w, b)
 

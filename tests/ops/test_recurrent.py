@@ -224,6 +224,18 @@ def test_projected_layernorm_lstm_runs_on_the_reference_and_says_so():
     assert_close(out, reference.recurrent_layer("layernorm_lstm", x, h0, c0, weights)[0], atol=0)
 
 
+def test_inductor_compiles_the_float32_layer():
+    """Inductor lowers mkldnn's linear only with a frozen weight: a compiled layer must not hand it a parameter."""
+    x, h0, c0, weights = make_problem("lstm", 4, 2, 3, 5, dtype=torch.float32)
+
+    def layer(x, h0, c0, w_ih, w_hh):
+        return ops.recurrent_layer("lstm", x, h0, c0, {"weight_ih": w_ih, "weight_hh": w_hh})[0]
+
+    args = (x, h0, c0, weights["weight_ih"], weights["weight_hh"])
+    with torch.no_grad():  # inference: the oneDNN projection path in eager
+        assert_close(torch.compile(layer, fullgraph=True)(*args), layer(*args), atol=1e-5)
+
+
 @pytest.mark.parametrize("absent", ["norm_ih_weight", "norm_hh_bias", "norm_c_weight", "norm_c_bias", "biases"])
 def test_layernorm_lstm_without_some_affine_parameters(absent):
     """An absent norm weight reads 1 and an absent bias 0, as in the reference."""
