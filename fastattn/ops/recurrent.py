@@ -27,10 +27,12 @@ KIND_IDS = {"lstm": 0, "gru": 1, "rnn_tanh": 2, "rnn_relu": 3, "layernorm_lstm":
 LAYERNORM_LSTM = KIND_IDS["layernorm_lstm"]
 CELL_NORMS = ("norm_hh_weight", "norm_hh_bias", "norm_c_weight", "norm_c_bias")  # normalised inside the cell
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-# Inference on the CPU runs the steps in chunks of about this many (step, batch) rows, each chunk's projection
-# in memory the allocator reuses: one projection of every step at once writes fresh pages (page faults) and
-# runs its GEMM less efficiently at such sizes.
+# Inference on the CPU, when the projection of every step at once would hold 2^23 values or more (32 MiB in
+# float32), runs the steps in chunks of about this many (step, batch) rows, each chunk's projection in memory the
+# allocator reuses: the one-shot projection writes fresh pages (page faults) and runs its GEMM less efficiently
+# there. Smaller problems run in one call (each call prepacks the recurrent weight once).
 INFERENCE_CHUNK_ROWS = 1024
+CHUNKED_MIN_VALUES = 1 << 23
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -280,7 +282,8 @@ def recurrent_layer(
     save = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in leaves)
     steps = max(1, INFERENCE_CHUNK_ROWS // max(1, x.shape[1]))
     chunks = [(0, x.shape[0])]
-    if not save and x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64):  # c stays exact
+    large = x.shape[0] * x.shape[1] * w["weight_hh"].shape[0] >= CHUNKED_MIN_VALUES  # the one-shot projection
+    if not save and large and x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64):  # c exact
         chunks = [(t, min(t + steps, x.shape[0])) for t in range(0, x.shape[0], steps)]
     h, c, outs = h0, c0, []
     for begin, end in reversed(chunks) if reverse else chunks:

@@ -159,6 +159,7 @@ def test_inference_in_chunks_of_steps(kind, reverse, monkeypatch):
     """CPU inference runs the steps in chunks (here of 2 steps: 13 = 6 x 2 + 1), the state carried between them
     and lengths shifted: the values are those of one pass."""
     monkeypatch.setattr(ops, "INFERENCE_CHUNK_ROWS", 6)  # batch 3: 2 steps a chunk
+    monkeypatch.setattr(ops, "CHUNKED_MIN_VALUES", 1)
     x, h0, c0, weights = make_problem(kind, 13, 3, 4, 6)
     lengths = torch.tensor([13, 4, 7])
     with torch.no_grad(), backends.record() as calls:
