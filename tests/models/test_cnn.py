@@ -40,13 +40,7 @@ def _randomize_batchnorm(model, seed=0):
             bn.running_var.copy_(torch.rand(bn.num_features, generator=g) + 0.5)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These models are small: one thread is as fast, and does not stall when the machine's cores are busy."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # small models: see conftest.py
 
 
 def _pair(case, direction="ours_to_twin", dtype=torch.float64):

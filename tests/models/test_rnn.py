@@ -22,13 +22,7 @@ CASES = {
 SHAPES = [(4, 13), (3, 1), (1, 2), (1, 9)]  # (batch, seq)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These models are small: one thread is as fast, and does not stall when the machine's cores are busy."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # small models: see conftest.py
 
 
 def _pair(case, direction="ours_to_twin", dtype=torch.float64):
