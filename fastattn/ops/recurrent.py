@@ -1,8 +1,9 @@
 """Recurrent layers: LSTM, GRU, tanh/ReLU RNN and the LayerNorm-LSTM, one layer and direction at a time.
 
 :func:`recurrent_layer` runs one direction of one layer over time: the input projections of every step are one
-matmul, then the torch.library op ``fastattn::recurrent`` runs the steps, each the recurrent matmul
-and one fused pointwise cell kernel (``csrc/recurrent_driver.h``), and its backward runs through time the same way.
+matmul (large CPU inference: one per chunk of steps), then the torch.library op ``fastattn::recurrent`` runs the
+steps, each the recurrent matmul and one fused pointwise cell kernel (``csrc/recurrent_driver.h``), and its
+backward runs through time the same way.
 :func:`recurrent` stacks layers and directions as torch.nn.LSTM / GRU / RNN do, with dropout between layers.
 Semantics, shapes and parameter names are those of :func:`fastattn.reference.recurrent_layer` /
 :func:`fastattn.reference.recurrent`; the ``reference`` backend runs those under autograd.
