@@ -5,11 +5,12 @@ kernel can pass every test here and still fail to compile on a GPU. This script 
 (``triton.compile``: Triton IR -> TritonGPU IR -> LLVM -> PTX -> ptxas cubin) for each target.
 
 The specialisations come from the launchers themselves: each case calls ``attention_forward``,
-``attention_backward``, ``attention_kvcache``, ``softmax_*``, ``norm_*`` or the positional launchers on meta tensors,
-with the kernels swapped for recorders and ``torch.cuda.get_device_properties`` answering for the target, so
-block sizes, warps and stages are what ``_config`` / ``_bwd_config`` / ``_blocks`` pick there. Each recorded
-launch is typed the way Triton's launcher types it (pointers 16-byte aligned, an int equal to 1 a constant,
-ints divisible by 16 marked so, arguments past int32 as i64) and compiled once per target.
+``attention_backward``, ``attention_kvcache``, ``softmax_*``, ``norm_*``, the positional, rotary and convolution
+epilogue launchers or the recurrent time loops on meta tensors, with the kernels swapped for recorders and
+``torch.cuda.get_device_properties`` answering for the target, so block sizes, warps and stages are what ``_config``
+/ ``_bwd_config`` / ``_blocks`` pick there. Each recorded launch is typed the way Triton's launcher types it
+(pointers 16-byte aligned, an int equal to 1 a constant, ints divisible by 16 marked so, arguments past int32 as
+i64) and compiled once per target.
 
     python scripts/triton_compile.py [--arch 90 80] [--quick]
 
@@ -37,7 +38,8 @@ import torch  # noqa: E402
 import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 
-from fastattn.triton_kernels import attention, kvcache, norm, positional, rotary, softmax  # noqa: E402
+from fastattn.triton_kernels import attention, conv_epilogue, kvcache, norm, positional, recurrent  # noqa: E402
+from fastattn.triton_kernels import rotary, softmax  # noqa: E402
 
 # What launchers read from torch.cuda.get_device_properties, per compute capability: H100, A100.
 DEVICES = {
@@ -51,6 +53,8 @@ KERNELS = {
     norm: ("_norm_fwd_kernel", "_norm_bwd_kernel"),
     positional: ("_positional_add_kernel", "_embedding_forward_kernel", "_embedding_scatter_kernel"),
     rotary: ("_rotary_kernel",),
+    conv_epilogue: ("_conv_epilogue_fwd_kernel", "_conv_epilogue_bwd_kernel"),
+    recurrent: ("_cell_forward", "_layernorm_lstm_forward", "_cell_backward", "_layernorm_lstm_backward"),
 }
 POINTER_TYPES = {
     torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64",
@@ -194,6 +198,48 @@ def rotary_case(dtype, head_dim, rotary_dim, interleaved=False, positions=False,
     return Case(label, run, quick)
 
 
+def conv_epilogue_case(dtype, activation, pool, channels_last, quick=False) -> Case:
+    """Bias + activation (+ 2x2 max pool) after a convolution, forward and backward with the bias gradient."""
+    label = f"{DTYPE_NAMES[dtype]} {activation}" + " pool" * pool + " nhwc" * channels_last
+
+    def run():
+        fmt = torch.channels_last if channels_last else torch.contiguous_format
+        y = meta(8, 64, 31, 31, dtype=dtype).contiguous(memory_format=fmt)
+        bias = meta(64, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
+        out = conv_epilogue.conv_epilogue_forward(y, bias, activation, pool, channels_last)
+        conv_epilogue.conv_epilogue_backward(out, y, bias, activation, pool, True, channels_last)
+
+    return Case(label, run, quick)
+
+
+def recurrent_case(dtype, kind, hidden, projected=False, quick=False) -> Case:
+    """Two steps of one recurrent layer (lengths, saved activations), forward and backward through time; kind as
+    fastattn.triton_kernels.recurrent numbers it."""
+    names = ("lstm", "gru", "rnn_tanh", "rnn_relu", "layernorm_lstm")
+    label = f"{DTYPE_NAMES[dtype]} {names[kind]} h{hidden}" + " projected" * projected
+
+    def run():
+        seq, batch, width = 2, 64, recurrent.GATES[kind] * hidden
+        proj = hidden // 2 if projected else hidden
+        compute = torch.float64 if dtype == torch.float64 else torch.float32
+        cell = kind in (recurrent.LSTM, recurrent.LAYERNORM_LSTM)
+        c0 = meta(batch, hidden, dtype=dtype) if cell else None
+        w_hr = meta(proj, hidden, dtype=dtype) if projected else None
+        norms = (meta(width, dtype=dtype), None, meta(hidden, dtype=dtype), meta(hidden, dtype=dtype))
+        norms = norms if kind == recurrent.LAYERNORM_LSTM else (None,) * 4
+        lengths = meta(batch, dtype=torch.int64)
+        w_hh = meta(width, proj, dtype=dtype)
+        _, hstate, cstate, saved = recurrent.recurrent_forward(
+            kind, meta(seq, batch, width, dtype=dtype), meta(batch, proj, dtype=dtype), c0, w_hh,
+            meta(width, dtype=dtype), w_hr, lengths, False, True, *norms, 1e-5,
+        )  # fmt: skip
+        recurrent.recurrent_backward(kind, meta(seq, batch, proj, dtype=dtype), None,
+                                     meta(batch, hidden, dtype=compute) if cell else None, w_hh, w_hr, hstate,
+                                     cstate, saved, lengths, True, norms[0], norms[1], norms[2], norms[3])  # fmt: skip
+
+    return Case(label, run, quick)
+
+
 def cases() -> list[Case]:
     f16, b16, f32, f64 = torch.float16, torch.bfloat16, torch.float32, torch.float64
     dropout = (0.1, 1234)
@@ -232,6 +278,18 @@ def cases() -> list[Case]:
         rotary_case(f16, 128, 64, interleaved=True, positions=True),
         rotary_case(f32, 72, 72, tables=True),
         rotary_case(f64, 40, 24, interleaved=True, positions=True, tables=True),
+        conv_epilogue_case(b16, "gelu", True, True, quick=True),
+        conv_epilogue_case(f16, "silu", False, False),
+        conv_epilogue_case(f32, "gelu_tanh", True, False),
+        conv_epilogue_case(f64, "relu", False, True),
+        recurrent_case(b16, recurrent.LSTM, 512, quick=True),
+        recurrent_case(b16, recurrent.LAYERNORM_LSTM, 1000, quick=True),
+        recurrent_case(f16, recurrent.GRU, 256),
+        recurrent_case(f32, recurrent.LSTM, 200, projected=True),
+        recurrent_case(f32, recurrent.RNN_TANH, 100),
+        recurrent_case(f32, recurrent.RNN_RELU, 4096),
+        recurrent_case(f64, recurrent.LAYERNORM_LSTM, 40),
+        recurrent_case(f64, recurrent.GRU, 7),
     ]
     return found
 
@@ -342,7 +400,7 @@ def explain(error: BaseException) -> list[str]:
 def describe(launch: Launch) -> str:
     a, o = launch.args, launch.options
     rows = next((a[k] for k in ("BLOCK_M", "BLOCK_S") if k in a), 1)
-    cols = next((a[k] for k in ("BLOCK_N", "BLOCK_DV", "BLOCK_D", "BLOCK_P") if k in a), 1)
+    cols = next((a[k] for k in ("BLOCK_N", "BLOCK_DV", "BLOCK_D", "BLOCK_P", "BLOCK") if k in a), 1)
     tile = f"{rows}x{cols}"
     name = launch.kernel.__name__.removeprefix("_").removesuffix("_kernel")
     return f"{name:<22} {launch.label:<64} {tile:>8} w{o.get('num_warps', 4)} s{o.get('num_stages', 3)}"

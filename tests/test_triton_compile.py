@@ -1,11 +1,11 @@
 """Triton's real compiler over the quick subset of scripts/triton_compile.py, for sm_90, with no GPU needed.
 
-The other Triton tests here run the kernels through the interpreter, which never compiles them: a kernel can
-pass them all and still fail to compile on a GPU. This test compiles the riskiest specialisations (every
-attention feature at once at the largest 16-bit tiles, float64 with a bool mask and dropout, the KV-cache
-kernels, a masked softmax) down to a cubin. It runs the script in a subprocess because conftest.py sets
-TRITON_INTERPRET=1, under which the kernels are interpreter functions with nothing to compile. A missing
-ptxas or Triton CUDA backend fails the test: it is never skipped.
+The other Triton tests here run the kernels through the interpreter, which never compiles them: a kernel can pass
+them all and still fail to compile on a GPU. This test compiles the riskiest specialisations (every attention
+feature at once at the largest 16-bit tiles, float64 with a bool mask and dropout, the KV-cache kernels, a masked
+softmax, the LSTM and LayerNorm-LSTM cells) down to a cubin. It runs the script in a subprocess because conftest.py
+sets TRITON_INTERPRET=1, under which the kernels are interpreter functions with nothing to compile. A missing ptxas
+or Triton CUDA backend fails the test: it is never skipped.
 """
 
 import os

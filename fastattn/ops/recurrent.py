@@ -41,25 +41,32 @@ CHUNKED_MIN_VALUES = 1 << 23
 # ---------------------------------------------------------------------------------------------------------
 
 
-def _cpu_check(x: Tensor, kind: str, projected: bool) -> Optional[str]:
+def _kernel_check(x: Tensor, kind: str, projected: bool) -> Optional[str]:
     if kind == "layernorm_lstm" and projected:
         return "no fused LayerNorm-LSTM with a projection (proj_size) yet"
     return None if x.dtype in FLOAT_DTYPES else f"dtype {x.dtype} is not one of {FLOAT_DTYPES}"
 
 
 CHECKS = {
-    "cpu": _cpu_check,
     "cuda": lambda *_: "no CUDA recurrent kernel yet",
+    "triton": _kernel_check,
+    "cpu": _kernel_check,
     "reference": lambda *_: None,
 }
 
 
-def _extension():
-    """torch.ops.fastattn_C, loading fastattn._C first (the op may be called before any backend selection)."""
+def _kernels(backend: str):
+    """(forward, backward) of a kernel backend, both with the fastattn_C recurrent schemas (csrc/fastattn.cpp):
+    fastattn.triton_kernels.recurrent for "triton", else fastattn_C (its CPU or CUDA kernels by device), loading
+    fastattn._C first (the op may be called before any backend selection)."""
+    if backend == "triton":
+        from fastattn.triton_kernels import recurrent as kernels  # noqa: PLC0415
+
+        return kernels.recurrent_forward, kernels.recurrent_backward
     module, error = backends.extension()
     if module is None:
         raise backends.BackendError(f"fastattn.recurrent: the C++ extension is unavailable: {error}")
-    return torch.ops.fastattn_C
+    return torch.ops.fastattn_C.recurrent_forward, torch.ops.fastattn_C.recurrent_backward
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -68,6 +75,7 @@ def _extension():
 
 
 def _recurrent(
+    backend: str,
     kind: int,
     x_proj: Tensor,
     h0: Tensor,
@@ -84,10 +92,11 @@ def _recurrent(
     norm_c_bias: Optional[Tensor],
     eps: float,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(out (S, B, P), hstate (S + 1, B, P), cstate (S + 1, B, H) or empty, saved activations or empty): see the
-    ``recurrent_forward`` schema in csrc/fastattn.cpp (the norms and eps are the LayerNorm-LSTM's)."""
-    return _extension().recurrent_forward(kind, x_proj, h0, c0, w_hh, b_hh, w_hr, lengths, reverse, save,
-                                          norm_hh_weight, norm_hh_bias, norm_c_weight, norm_c_bias, eps)
+    """(out (S, B, P), hstate (S + 1, B, P), cstate (S + 1, B, H) or empty, saved activations or empty) on the
+    named kernel backend: see the ``recurrent_forward`` schema in csrc/fastattn.cpp (the norms and eps are the
+    LayerNorm-LSTM's)."""
+    return _kernels(backend)[0](kind, x_proj, h0, c0, w_hh, b_hh, w_hr, lengths, reverse, save, norm_hh_weight,
+                                norm_hh_bias, norm_c_weight, norm_c_bias, eps)  # fmt: skip
 
 
 recurrent_op = torch.library.custom_op("fastattn::recurrent", _recurrent, mutates_args=())
@@ -101,7 +110,7 @@ def _saved_width(kind: int, hidden: int) -> int:
 
 
 @recurrent_op.register_fake
-def _(kind, x_proj, h0, c0, w_hh, b_hh, w_hr, lengths, reverse, save, *_norms_and_eps):
+def _(backend, kind, x_proj, h0, c0, w_hh, b_hh, w_hr, lengths, reverse, save, *_norms_and_eps):
     (seq, batch, width), proj = x_proj.shape, w_hh.shape[1]
     hidden = width // reference.RECURRENT_GATES[KINDS[kind]]
     compute = reference.compute_dtype(x_proj.dtype)
@@ -115,6 +124,7 @@ def _(kind, x_proj, h0, c0, w_hh, b_hh, w_hr, lengths, reverse, save, *_norms_an
 
 
 def _recurrent_backward(
+    backend: str,
     kind: int,
     grad_out: Tensor,
     grad_h_n: Optional[Tensor],
@@ -135,7 +145,7 @@ def _recurrent_backward(
     ``recurrent_backward`` schema."""
     if grad_out.stride(-1) != 1:
         grad_out = grad_out.contiguous()
-    return _extension().recurrent_backward(
+    return _kernels(backend)[1](
         kind, grad_out, grad_h_n, grad_c_n, w_hh, w_hr, hstate.contiguous(), cstate.contiguous(), saved.contiguous(),
         lengths, reverse, norm_hh_weight, norm_hh_bias, norm_c_weight, norm_c_bias,
     )  # fmt: skip
@@ -146,7 +156,7 @@ run_recurrent_backward = EagerOp(recurrent_backward_op, _recurrent_backward)
 
 
 @recurrent_backward_op.register_fake
-def _(kind, grad_out, grad_h_n, grad_c_n, w_hh, w_hr, hstate, cstate, saved, lengths, reverse, *_norms):
+def _(backend, kind, grad_out, grad_h_n, grad_c_n, w_hh, w_hr, hstate, cstate, saved, lengths, reverse, *_norms):
     seq, batch, proj = grad_out.shape
     width = w_hh.shape[0]
     hidden = width // reference.RECURRENT_GATES[KINDS[kind]]
@@ -162,10 +172,11 @@ def _(kind, grad_out, grad_h_n, grad_c_n, w_hh, w_hr, hstate, cstate, saved, len
 
 
 def _setup_context(ctx, inputs, output):
-    kind, x_proj, h0, c0, w_hh, b_hh, w_hr, lengths, reverse, save, *norms, _eps = inputs
+    backend, kind, x_proj, h0, c0, w_hh, b_hh, w_hr, lengths, reverse, save, *norms, _eps = inputs
     _, hstate, cstate, saved = output
     ctx.mark_non_differentiable(saved)
-    ctx.kind, ctx.reverse, ctx.has_c0, ctx.has_b_hh = kind, reverse, c0 is not None, b_hh is not None
+    ctx.backend, ctx.kind, ctx.reverse = backend, kind, reverse
+    ctx.has_c0, ctx.has_b_hh = c0 is not None, b_hh is not None
     ctx.save_for_backward(w_hh, w_hr, hstate, cstate, saved, lengths, *norms)
 
 
@@ -177,12 +188,13 @@ def _backward(ctx, grad_out, grad_hstate, grad_cstate, _grad_saved):
     if grad_out is None:
         grad_out = hstate.new_zeros(hstate.shape[0] - 1, *hstate.shape[1:])
     d_x, d_h0, d_c0, d_w_hh, d_b_hh, d_w_hr, d_norms = run_recurrent_backward(
-        ctx.kind, grad_out, grad_h_n, grad_c_n, w_hh, w_hr, hstate, cstate, saved, lengths, ctx.reverse, *norms
+        ctx.backend, ctx.kind, grad_out, grad_h_n, grad_c_n, w_hh, w_hr, hstate, cstate, saved, lengths, ctx.reverse,
+        *norms,
     )
     hidden = w_hh.shape[0] // 4
     d_norm_parts = d_norms.split([4 * hidden, 4 * hidden, hidden, hidden]) if d_norms.numel() else (None,) * 4
     return (
-        None, d_x, d_h0, d_c0 if ctx.has_c0 else None, d_w_hh, d_b_hh if ctx.has_b_hh else None,
+        None, None, d_x, d_h0, d_c0 if ctx.has_c0 else None, d_w_hh, d_b_hh if ctx.has_b_hh else None,
         d_w_hr if w_hr is not None else None, None, None, None,
         *(d if norm is not None else None for d, norm in zip(d_norm_parts, norms, strict=True)), None,
     )  # fmt: skip
@@ -284,14 +296,14 @@ def recurrent_layer(
     steps = max(1, INFERENCE_CHUNK_ROWS // max(1, x.shape[1]))
     chunks = [(0, x.shape[0])]
     large = x.shape[0] * x.shape[1] * w["weight_hh"].shape[0] >= CHUNKED_MIN_VALUES  # the one-shot projection
-    if not save and large and x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64):  # c exact
+    if not save and large and name == "cpu" and x.dtype in (torch.float32, torch.float64):  # c exact
         chunks = [(t, min(t + steps, x.shape[0])) for t in range(0, x.shape[0], steps)]
     h, c, outs = h0, c0, []
     for begin, end in reversed(chunks) if reverse else chunks:
         x_proj, b_hh = _project(kind, x[begin:end], w, eps)
         chunk_lengths = None if lengths is None else (lengths - begin).clamp_(min=0)
-        out, hstate, cstate, _ = run_recurrent(KIND_IDS[kind], x_proj, h, c, w["weight_hh"], b_hh, w["weight_hr"],
-                                               chunk_lengths, reverse, save, *norms, eps)  # fmt: skip
+        out, hstate, cstate, _ = run_recurrent(name, KIND_IDS[kind], x_proj, h, c, w["weight_hh"], b_hh,
+                                               w["weight_hr"], chunk_lengths, reverse, save, *norms, eps)  # fmt: skip
         last = 0 if reverse else -1
         h, c = hstate[last], None if c0 is None else cstate[last].to(x.dtype)
         outs.append(out)

@@ -158,11 +158,12 @@ def test_the_fused_kernel_runs(kind):
 
 @pytest.mark.parametrize("kind", sorted(KINDS))
 def test_without_a_fused_kernel_torchs_own_code_runs_and_says_so(kind, monkeypatch):
-    """Where no fused kernel can run (here: the CPU one refuses), the drop-ins run torch.nn's forward (cuDNN or
-    oneDNN), not the slow reference loop; the LayerNorm-LSTM, which torch.nn lacks, runs the reference."""
+    """Where no fused kernel can run (here: the CPU and Triton ones refuse), the drop-ins run torch.nn's forward
+    (cuDNN or oneDNN), not the slow reference loop; the LayerNorm-LSTM, which torch.nn lacks, runs the reference."""
     from fastattn.ops import recurrent as ops
 
-    monkeypatch.setitem(ops.CHECKS, "cpu", lambda *_: "refused by this test")
+    for name in ("cpu", "triton"):
+        monkeypatch.setitem(ops.CHECKS, name, lambda *_: "refused by this test")
     ours, theirs = make_pair(kind)
     x, hx = make_inputs(ours, 4, 2, True)
     with fastattn.record() as calls:

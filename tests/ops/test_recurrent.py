@@ -12,28 +12,17 @@ from fastattn.testing import GRADIENT_RATIO, assert_close, assert_error_ratio
 KINDS = ["lstm", "gru", "rnn_tanh", "rnn_relu", "layernorm_lstm"]
 CELLS = ("lstm", "layernorm_lstm")  # the kinds with a cell state c
 NO_NORMS = (None, None, None, None, 1e-5)  # the op's LayerNorm-LSTM arguments, for the other kinds
-# (backend, device) pairs with a recurrent kernel; the triton and cuda kernels are not written yet.
-BACKENDS = [("cpu", "cpu"), ("reference", "cpu")]
 
 
-@pytest.fixture(params=BACKENDS, ids=[f"{b}-{d}" for b, d in BACKENDS])
-def backend_device(request):
-    name, device = request.param
-    reason = backends.unavailable_reason(name, torch.device(device))
-    if reason is not None:
-        pytest.fail(f"backend {name} should run here but: {reason}")
-    with backends.backend(name):
-        yield name, torch.device(device)
-
-
-def make_problem(kind, seq, batch, inp, hidden, proj=0, bias=True, dtype=torch.float64, seed=0):
+def make_problem(kind, seq, batch, inp, hidden, proj=0, bias=True, dtype=torch.float64, seed=0, device="cpu"):
     """(x (seq, batch, inp), h0, c0 or None, weights dict), all leaves that require grad."""
     g = torch.Generator().manual_seed(seed)
     gates = reference.RECURRENT_GATES[kind]
     p = proj or hidden
 
     def rand(*shape, scale=0.5):
-        return (torch.randn(*shape, generator=g, dtype=torch.float64) * scale).to(dtype).requires_grad_()
+        t = torch.randn(*shape, generator=g, dtype=torch.float64) * scale
+        return t.to(device=device, dtype=dtype).requires_grad_()
 
     weights = {"weight_ih": rand(gates * hidden, inp), "weight_hh": rand(gates * hidden, p)}
     if bias:
@@ -61,7 +50,7 @@ def run(fn, kind, problem, lengths, reverse):
     x, h0, c0, weights = problem
     out, h_n, c_n = fn(kind, x, h0, c0, weights, lengths, reverse)
     g = torch.Generator().manual_seed(7)
-    loss = (out * torch.randn(out.shape, generator=g, dtype=torch.float64).to(out.dtype)).sum() + (h_n * 1.5).sum()
+    loss = (out * torch.randn(out.shape, generator=g, dtype=torch.float64).to(out)).sum() + (h_n * 1.5).sum()
     if c_n is not None:
         loss = loss + (c_n * 0.5).sum()
     grads = torch.autograd.grad(loss, leaves(*problem))
@@ -93,7 +82,7 @@ def test_float64_matches_reference(backend_device, kind, case, with_lengths, rev
     seq, batch, inp, hidden, proj = case
     if proj and kind != "lstm":
         pytest.skip("the projection is the LSTM's (the LayerNorm-LSTM's runs on the reference: see below)")
-    problem = make_problem(kind, seq, batch, inp, hidden, proj)
+    problem = make_problem(kind, seq, batch, inp, hidden, proj, device=backend_device[1])
     lengths = torch.arange(batch) % seq + 1 if with_lengths else None  # 1, 2, ... (some rows end early)
     values, grads = run(ops.recurrent_layer, kind, problem, lengths, reverse)
     with backends.backend("reference"):
@@ -107,7 +96,7 @@ def test_float64_matches_reference(backend_device, kind, case, with_lengths, rev
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_bias_free_and_non_contiguous(backend_device, kind):
-    x, h0, c0, weights = make_problem(kind, 6, 3, 5, 8, bias=False)
+    x, h0, c0, weights = make_problem(kind, 6, 3, 5, 8, bias=False, device=backend_device[1])
     x_strided = x.detach().transpose(0, 1).contiguous().transpose(0, 1).requires_grad_()  # (seq, batch) strides swapped
     problem = (x_strided, h0, c0, weights)
     values, grads = run(ops.recurrent_layer, kind, problem, None, False)
@@ -122,7 +111,7 @@ def test_bias_free_and_non_contiguous(backend_device, kind):
 def test_low_precision_error_ratio(backend_device, kind, dtype):
     """Ours in dtype against float64, allowed twice (gradients three times) the error of torch's own ops in
     dtype (the reference run in that dtype)."""
-    problem = make_problem(kind, 9, 3, 6, 24, dtype=dtype)
+    problem = make_problem(kind, 9, 3, 6, 24, dtype=dtype, device=backend_device[1])
     lengths = torch.tensor([9, 4, 1])
     values, grads = run(ops.recurrent_layer, kind, problem, lengths, False)
     baseline_values, baseline_grads = run(reference.recurrent_layer, kind, problem, lengths, False)
@@ -133,6 +122,24 @@ def test_low_precision_error_ratio(backend_device, kind, dtype):
             assert_error_ratio(ours, truth, base)
     for ours, base, truth in zip(grads, baseline_grads, truth_grads, strict=True):
         assert_error_ratio(ours, truth, base, ratio=GRADIENT_RATIO, name="gradient")
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_triton_rows_longer_than_a_block(kind, monkeypatch):
+    """The Triton cells in blocks of 8 hidden units: H = 21 spans three, the last partial (the plain kinds' grid of
+    blocks, the LayerNorm-LSTM's loops over its row of 4H and of H)."""
+    from fastattn.triton_kernels import recurrent as kernels  # noqa: PLC0415
+
+    monkeypatch.setattr(kernels, "MAX_BLOCK", 8)
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # CPU tensors run through the Triton interpreter
+    problem = make_problem(kind, 4, 3, 5, 21, device=device)
+    lengths = torch.tensor([4, 1, 3])
+    with backends.backend("triton"):
+        values, grads = run(ops.recurrent_layer, kind, problem, lengths, True)
+    ref_values, ref_grads = run(reference.recurrent_layer, kind, problem, lengths, True)
+    for ours, truth in zip(values + grads, ref_values + ref_grads, strict=True):
+        if truth is not None:
+            assert_near(ours, truth, 1e-11)
 
 
 @pytest.mark.parametrize("kind", ["lstm", "gru"])
@@ -177,7 +184,7 @@ def test_inference_saves_nothing_and_matches():
     with torch.no_grad():
         out, h_n, c_n = ops.recurrent_layer("lstm", *problem[:3], problem[3])
         x_proj = torch.nn.functional.linear(problem[0], problem[3]["weight_ih"], problem[3]["bias_ih"])
-        *_, saved = ops.run_recurrent(0, x_proj, problem[1], problem[2], problem[3]["weight_hh"],
+        *_, saved = ops.run_recurrent("cpu", 0, x_proj, problem[1], problem[2], problem[3]["weight_hh"],
                                       problem[3]["bias_hh"], None, None, False, False, *NO_NORMS)  # fmt: skip
     assert saved.numel() == 0
     ref = reference.recurrent_layer("lstm", *problem[:3], problem[3])
@@ -185,23 +192,32 @@ def test_inference_saves_nothing_and_matches():
         assert_close(ours, truth, atol=1e-12)
 
 
-def test_opcheck_and_compile():
+# The kernel backends that run CPU tensors here: the C++ one, and Triton under the interpreter.
+CPU_KERNELS = [name for name in ("cpu", "triton") if backends.unavailable_reason(name, torch.device("cpu")) is None]
+
+
+@pytest.mark.parametrize("backend", CPU_KERNELS)
+def test_opcheck(backend):
     x, h0, c0, weights = make_problem("lstm", 4, 2, 3, 5, proj=2)
     x_proj = torch.nn.functional.linear(x, weights["weight_ih"], weights["bias_ih"]).detach().requires_grad_()
     lengths = torch.tensor([4, 2])
     for kind, proj in ((0, weights["weight_hr"]), (0, None)):
         w_hh = weights["weight_hh"] if proj is not None else torch.randn(20, 5, dtype=torch.float64, requires_grad=True)
         h = h0 if proj is not None else torch.randn(2, 5, dtype=torch.float64, requires_grad=True)
-        args = (kind, x_proj, h, c0, w_hh, weights["bias_hh"], proj, lengths, True, True, *NO_NORMS)
+        args = (backend, kind, x_proj, h, c0, w_hh, weights["bias_hh"], proj, lengths, True, True, *NO_NORMS)
         torch.library.opcheck(ops.recurrent_op, args)
     gx, gh0, _, gw = make_problem("gru", 4, 2, 3, 5)
-    torch.library.opcheck(ops.recurrent_op, (1, torch.nn.functional.linear(gx, gw["weight_ih"]).detach(), gh0, None,
-                                             gw["weight_hh"], gw["bias_hh"], None, None, False, True, *NO_NORMS))
+    gx_proj = torch.nn.functional.linear(gx, gw["weight_ih"]).detach()
+    args = (backend, 1, gx_proj, gh0, None, gw["weight_hh"], gw["bias_hh"], None, None, False, True, *NO_NORMS)
+    torch.library.opcheck(ops.recurrent_op, args)
     lx, lh0, lc0, lw = make_problem("layernorm_lstm", 4, 2, 3, 5)
     norms = [lw[f"norm_{n}"] for n in ("hh_weight", "hh_bias", "c_weight", "c_bias")]
-    torch.library.opcheck(ops.recurrent_op, (4, torch.nn.functional.linear(lx, lw["weight_ih"]).detach(), lh0, lc0,
-                                             lw["weight_hh"], lw["bias_hh"], None, lengths, False, True, *norms, 1e-5))
+    lx_proj = torch.nn.functional.linear(lx, lw["weight_ih"]).detach()
+    args = (backend, 4, lx_proj, lh0, lc0, lw["weight_hh"], lw["bias_hh"], None, lengths, False, True, *norms, 1e-5)
+    torch.library.opcheck(ops.recurrent_op, args)
 
+
+def test_compile():
     def layer(x, h0, c0, w_ih, w_hh):
         out, h_n, c_n = ops.recurrent_layer("lstm", x, h0, c0, {"weight_ih": w_ih, "weight_hh": w_hh})
         return out.sum() + h_n.sum() + c_n.sum()
