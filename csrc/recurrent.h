@@ -12,7 +12,7 @@
 
 namespace fastattn {
 
-// The LayerNorm-LSTM (Ba et al. 2016, as fastattn.reference.layer_norm_lstm_cell, without a projection) gets x
+// The LayerNorm-LSTM (Ba et al. 2016, as fastattn.reference.layer_norm_lstm_cell) gets x
 // with its norm LN_ih already applied (x = LN_ih(x W_ih^T)); the cell normalises hh over all 4H (LN_hh, then
 // its affine pair), adds x and b (b_ih + b_hh), and normalises c' over H (LN_c) for h' = s(o) tanh(LN_c(c')).
 enum class RecurrentKind : int { kLstm = 0, kGru = 1, kRnnTanh = 2, kRnnRelu = 3, kLayerNormLstm = 4 };

@@ -96,8 +96,7 @@ inline RecurrentShape recurrent_shape(int64_t kind_id, const at::Tensor& x_proj,
   s.hidden = x_proj.size(2) / s.gates;
   s.proj = w_hh.size(1);
   const bool project = w_hr.has_value() && w_hr->defined();
-  TORCH_CHECK(!project || s.kind == RecurrentKind::kLstm,
-              "recurrent: w_hr (a projection) is for the LSTM only (no fused LayerNorm-LSTM with proj_size yet)");
+  TORCH_CHECK(!project || recurrent_has_cell(s.kind), "recurrent: w_hr (a projection) is for the LSTMs only");
   TORCH_CHECK(project ? w_hr->sizes() == at::IntArrayRef({s.proj, s.hidden}) : s.proj == s.hidden,
               "recurrent: w_hh (G*H, P) needs P = H without a projection and w_hr (P, H) with one");
   if (lengths.has_value() && lengths->defined()) {
@@ -188,6 +187,14 @@ inline at::Tensor cell_norm_gradients(const at::Tensor& d_x, const at::Tensor& d
   return at::cat({(d_pre * hh_hat).sum(rows), d_pre.sum(rows), (d_cn * c_hat).sum(rows), d_cn.sum(rows)});
 }
 
+// LN_c's output (S, B, H) in the compute type from the saved normalised c' and the affine pair of norms.
+inline at::Tensor cell_norm_output(const at::Tensor& saved, const CellNormTensors& norms, int64_t H) {
+  at::Tensor cn = saved.narrow(2, 8 * H, H);
+  if (norms.c_weight.has_value()) cn = cn * norms.c_weight->to(cn.scalar_type());
+  if (norms.c_bias.has_value()) cn = cn + norms.c_bias->to(cn.scalar_type());
+  return cn;
+}
+
 // (d_x_proj (S, B, G*H), d_h0 (B, P), d_c0 (B, H) or empty, d_w_hh (G*H, P), d_b_hh (G*H,), d_w_hr (P, H) or
 // empty, d_norms (10H,) or empty: see cell_norm_gradients), all in x's dtype.
 template <class Cells>
@@ -272,9 +279,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   auto d_w_hh = d_hh_2d.t().mm(hstate.narrow(0, rev, S).reshape({S * B, P}));
   auto d_b_hh = (layernorm ? d_x : d_hh).view({S * B, GH}).sum(0, false, compute).to(grad_out.scalar_type());
   at::Tensor d_w_hr = at::empty({0}, opts);
-  if (project) {
+  if (project) {  // h_pre = o tanh(c'), or o tanh(LN_c(c')): zero on rows not live (o saved as 0)
     const auto o = saved.narrow(2, 3 * H, H);
-    const auto h_pre = (o * cstate.narrow(0, 1 - rev, S).tanh()).to(grad_out.scalar_type());
+    const auto h_pre = (o * (layernorm ? cell_norm_output(saved, norms, H) : cstate.narrow(0, 1 - rev, S)).tanh())
+                           .to(grad_out.scalar_type());
     d_w_hr = d_hp.view({S * B, P}).t().mm(h_pre.reshape({S * B, H}));
   }
   auto d_c0 = lstm ? dc.to(grad_out.scalar_type()) : at::empty({0}, opts);

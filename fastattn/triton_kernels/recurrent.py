@@ -224,8 +224,8 @@ def _layernorm_lstm_forward(
     X, x_stride, HH, B_HH, NHW, NHB, NCW, NCB, H_PREV, C_PREV, C_NEW, H_NEW, OUT, out_stride, SAVED, LENGTHS,
     step, H, eps_bits,
     HAS_BIAS: tl.constexpr, HAS_NHW: tl.constexpr, HAS_NHB: tl.constexpr, HAS_NCW: tl.constexpr,
-    HAS_NCB: tl.constexpr, HAS_LENGTHS: tl.constexpr, SAVE: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
-    RNE: tl.constexpr,
+    HAS_NCB: tl.constexpr, HAS_LENGTHS: tl.constexpr, PROJECT: tl.constexpr, SAVE: tl.constexpr, ACC: tl.constexpr,
+    BLOCK: tl.constexpr, RNE: tl.constexpr,
 ):  # fmt: skip
     """One program per row: LN_hh's statistics over 4H, then the gates and c' (and c''s mean), then LN_c's
     deviation and h. Saved: i, f, g, o (4H), hh normalised (4H), c' normalised (H), 1/std of hh and of c'."""
@@ -262,7 +262,11 @@ def _layernorm_lstm_forward(
         pre_o, _ = _ln_gate(x, hh, B_HH, NHW, NHB, 3 * H + j, m, mean, rstd, HAS_BIAS, HAS_NHW, HAS_NHB, ACC)
         cn = c_hat * _affine(NCW, j, m, 1.0, HAS_NCW, ACC) + _affine(NCB, j, m, 0.0, HAS_NCB, ACC)
         h = _sigmoid(pre_o) * _tanh(cn)
-        _store_h(H_NEW, OUT, out_stride, r, j, m, H, h, _load(H_PREV + r * H, j, m, ACC), live, False, RNE)
+        if PROJECT:  # h has P columns: the driver carries it over
+            h_prev = h
+        else:
+            h_prev = _load(H_PREV + r * H, j, m, ACC)
+        _store_h(H_NEW, OUT, out_stride, r, j, m, H, h, h_prev, live, PROJECT, RNE)
         if SAVE:
             tl.store(sv + 2 * GH + j, tl.where(live, c_hat, 0.0), mask=m)
     if SAVE:
@@ -374,7 +378,7 @@ def _layernorm_lstm_backward(
     GRAD_OUT, grad_out_stride, DH, DC, DC_PREV, SAVED, C_PREV, NHW, NCW, NCB, D_HH, D_X, d_x_stride, D_CN, D_PRE,
     DH_PASS, LENGTHS, step, H,
     HAS_NHW: tl.constexpr, HAS_NCW: tl.constexpr, HAS_NCB: tl.constexpr, HAS_GRAD_OUT: tl.constexpr,
-    HAS_LENGTHS: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr, RNE: tl.constexpr,
+    HAS_LENGTHS: tl.constexpr, HAS_PASS: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr, RNE: tl.constexpr,
 ):  # fmt: skip
     """One program per row, three passes: LN_c's backward sums; the gates' pre-activation gradients d_pre (into
     d_x, and in the compute type into the D_PRE scratch row) with dc_prev and LN_hh's backward sums; then d_hh
@@ -391,7 +395,8 @@ def _layernorm_lstm_backward(
         dh_in, dh = _dh(GRAD_OUT, grad_out_stride, DH, r, j, m, H, HAS_GRAD_OUT, ACC)
         d_cn, d_hat, c_hat, _, _ = _ln_c_backward(sv, NCW, NCB, dh, r, j, m, H, HAS_NCW, HAS_NCB, ACC)
         tl.store(D_CN + r * H + j, tl.where(live, d_cn, 0.0), mask=m)
-        tl.store(DH_PASS + r * H + j, tl.where(live, 0.0, dh_in).to(DH_PASS.dtype.element_ty), mask=m)
+        if HAS_PASS:
+            tl.store(DH_PASS + r * H + j, _narrow(tl.where(live, 0.0, dh_in), DH_PASS, RNE), mask=m)
         sum_d += d_hat
         sum_dh += d_hat * c_hat
     mean_d, mean_dh = tl.sum(sum_d, axis=0) / H, tl.sum(sum_dh, axis=0) / H
@@ -489,7 +494,8 @@ def recurrent_forward(
         h_prev = hstate[before]
         torch.mm(h_prev, w_hh.t(), out=hh)
         common = dict(x_stride=x_proj.stride(1), out_stride=proj, step=t, H=hidden, HAS_BIAS=b is not None,
-                      HAS_LENGTHS=lengths is not None, SAVE=saved.numel() > 0, ACC=acc, BLOCK=block,
+                      HAS_LENGTHS=lengths is not None, PROJECT=project, SAVE=saved.numel() > 0, ACC=acc,
+                      BLOCK=block,
                       RNE=_emulate_rounding(x_proj.dtype))  # fmt: skip
         c_prev, c_new = (cstate[before], cstate[after]) if lstm else (hh, hh)
         h_new = h_pre if project else hstate[after]
@@ -505,8 +511,7 @@ def recurrent_forward(
         else:
             _cell_forward[(batch, triton.cdiv(hidden, block))](
                 X=x_proj[t], HH=hh, B_HH=_or(b, hh), H_PREV=h_prev, C_PREV=c_prev, C_NEW=c_new, H_NEW=h_new,
-                OUT=hh if project else out[t], SAVED=saved_t, LENGTHS=_or(lengths, hh), KIND=kind, PROJECT=project,
-                **common,
+                OUT=out[t], SAVED=saved_t, LENGTHS=_or(lengths, hh), KIND=kind, **common,
             )  # fmt: skip
         if project:
             _project_step(hstate, out, h_pre, w_hr, h_prev, lengths, t, after)
@@ -580,7 +585,7 @@ def recurrent_backward(
                       DC=_or(dc, dh), DC_PREV=_or(dc, dh), SAVED=saved[t] if saved.numel() else dh,
                       C_PREV=cstate[before] if lstm else dh, D_HH=d_hh[t], D_X=d_x[t], d_x_stride=width,
                       DH_PASS=passed, LENGTHS=_or(lengths, dh), step=t, H=hidden, HAS_GRAD_OUT=not project,
-                      HAS_LENGTHS=lengths is not None, ACC=acc, BLOCK=block,
+                      HAS_LENGTHS=lengths is not None, HAS_PASS=not project, ACC=acc, BLOCK=block,
                       RNE=_emulate_rounding(dtype))  # fmt: skip
         if layernorm:
             _layernorm_lstm_backward[(batch,)](
@@ -590,8 +595,7 @@ def recurrent_backward(
             )  # fmt: skip
         else:
             _cell_backward[(batch, triton.cdiv(hidden, block))](
-                C_NEW=cstate[after] if lstm else dh, H_PREV=hstate[before], H_NEW=hstate[after], KIND=kind,
-                HAS_PASS=not project, **common,
+                C_NEW=cstate[after] if lstm else dh, H_PREV=hstate[before], H_NEW=hstate[after], KIND=kind, **common,
             )  # fmt: skip
         if project:  # rows not live pass dh on untouched
             carry = torch.zeros_like(dh) if live is None else dh * live.logical_not()
@@ -602,12 +606,20 @@ def recurrent_backward(
     d_w_hh = d_hh.view(seq * batch, width).t().mm(hstate.narrow(0, rev, seq).reshape(seq * batch, proj))
     d_b_hh = (d_x if layernorm else d_hh).view(seq * batch, width).sum(0, dtype=compute).to(dtype)
     d_w_hr = grad_out.new_empty(0)
-    if project:
-        h_pre = (saved[..., 3 * hidden : 4 * hidden] * cstate.narrow(0, 1 - rev, seq).tanh()).to(dtype)
+    if project:  # h_pre = o tanh(c'), or o tanh(LN_c(c')): zero on rows not live (o saved as 0)
+        cell = _cell_norm_output(saved, norm_c_weight, norm_c_bias, hidden) if layernorm else cstate[1 - rev :][:seq]
+        h_pre = (saved[..., 3 * hidden : 4 * hidden] * cell.tanh()).to(dtype)
         d_w_hr = d_hp.view(seq * batch, proj).t().mm(h_pre.reshape(seq * batch, hidden))
     d_c0 = dc.to(dtype) if lstm else grad_out.new_empty(0)
     d_norms = _cell_norm_gradients(d_x, d_cn, saved, hidden).to(dtype) if layernorm else grad_out.new_empty(0)
     return d_x, dh, d_c0, d_w_hh, d_b_hh, d_w_hr, d_norms
+
+
+def _cell_norm_output(saved: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], hidden: int) -> Tensor:
+    """LN_c's output (S, B, H) from the saved normalised c' and its affine pair."""
+    cn = saved[..., 8 * hidden : 9 * hidden]
+    cn = cn if weight is None else cn * weight.to(cn.dtype)
+    return cn if bias is None else cn + bias.to(cn.dtype)
 
 
 def _cell_norm_gradients(d_x: Tensor, d_cn: Tensor, saved: Tensor, hidden: int) -> Tensor:

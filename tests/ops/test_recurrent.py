@@ -80,8 +80,8 @@ CASES = [  # (seq, batch, input, hidden, proj)
 @pytest.mark.parametrize("kind", KINDS)
 def test_float64_matches_reference(backend_device, kind, case, with_lengths, reverse):
     seq, batch, inp, hidden, proj = case
-    if proj and kind != "lstm":
-        pytest.skip("the projection is the LSTM's (the LayerNorm-LSTM's runs on the reference: see below)")
+    if proj and kind not in CELLS:
+        pytest.skip("the projection (proj_size) is the LSTMs'")
     problem = make_problem(kind, seq, batch, inp, hidden, proj, device=backend_device[1])
     lengths = torch.arange(batch) % seq + 1 if with_lengths else None  # 1, 2, ... (some rows end early)
     values, grads = run(ops.recurrent_layer, kind, problem, lengths, reverse)
@@ -231,14 +231,6 @@ def test_compile():
         assert_close(compiled(*args), layer(*args), atol=atol)
         for ours, truth in zip(torch.autograd.grad(compiled(*args), args), expected, strict=True):
             assert_close(ours, truth, atol=atol)
-
-
-def test_projected_layernorm_lstm_runs_on_the_reference_and_says_so():
-    x, h0, c0, weights = make_problem("layernorm_lstm", 3, 2, 4, 5, proj=3)
-    with backends.record() as calls:
-        out, h_n, c_n = ops.recurrent_layer("layernorm_lstm", x, h0, c0, weights)
-    assert calls[-1].backend == "reference" and "projection" in calls[-1].skipped["cpu"]
-    assert_close(out, reference.recurrent_layer("layernorm_lstm", x, h0, c0, weights)[0], atol=0)
 
 
 def test_inductor_compiles_the_float32_layer():
