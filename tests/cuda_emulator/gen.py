@@ -47,6 +47,7 @@ KERNELS = {
     "kvcache_kernel.cu": (),
     "norm_kernel.cu": (),
     "positional_kernel.cu": (),
+    "recurrent_kernel.cu": (),
 }
 PTX = KERNEL.parent / "ptx.h"
 INCLUDE_PTX = re.compile(r'^#include "ptx\.h"[ \t]*$', re.MULTILINE)

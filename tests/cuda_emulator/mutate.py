@@ -30,6 +30,7 @@ KERNEL = ROOT / "csrc" / "cuda" / "attention_kernel.cu"
 KVCACHE_KERNEL = ROOT / "csrc" / "cuda" / "kvcache_kernel.cu"
 NORM_KERNEL = ROOT / "csrc" / "cuda" / "norm_kernel.cu"
 POSITIONAL_KERNEL = ROOT / "csrc" / "cuda" / "positional_kernel.cu"
+RECURRENT_KERNEL = ROOT / "csrc" / "cuda" / "recurrent_kernel.cu"
 
 # (name, text in the .cu, replacement of its first occurrence): realistic bugs, one at a time.
 MUTANTS = [
@@ -212,12 +213,47 @@ POSITIONAL_MUTANTS = [
     ("positional: scatter ignores grad's row stride", "grad + n * a.grad_stride + col", "grad + n * a.dim + col"),
 ]  # fmt: skip
 
+# The same for csrc/cuda/recurrent_kernel.cu (tests/test_cuda_emulated_recurrent.py; "recurrent:" selects them).
+RECURRENT_MUTANTS = [
+    ("recurrent: x row stride ignored", "const T* x = row_of<T>(a.x, b, a.x_stride) + j;",
+     "const T* x = row_of<T>(a.x, b, G * H) + j;"),
+    ("recurrent: element grid one past the end",
+     "e < total; e += int64_t(gridDim.x) * blockDim.x) {\n    const int64_t b = e / H, j = e - b * H;\n    T* h_new",
+     "e <= total; e += int64_t(gridDim.x) * blockDim.x) {\n    const int64_t b = e / H, j = e - b * H;\n    T* h_new"),
+    ("recurrent: rows not live pass no dh", "      if (pass != nullptr) pass[j] = dh_in;",
+     "      if (pass != nullptr) pass[j] = to_storage<T>(C(0));"),
+    ("recurrent: LSTM dc_prev written before dc is read",
+     "      const C dcj = dc[j] + dh * o * (C(1) - tc * tc);",
+     "      dc_prev[j] = C(0);\n      const C dcj = dc[j] + dh * o * (C(1) - tc * tc);"),
+    ("recurrent: GRU d_x of n times r", "d_x[2 * H + j] = to_storage<T>(dn_pre);",
+     "d_x[2 * H + j] = to_storage<T>(dn_pre * r);"),
+    ("recurrent: block sum reads warp 0 only", "v[n] = lane < warps ? buf[32 * n + lane] : C(0);",
+     "v[n] = lane < warps ? buf[32 * n] : C(0);"),
+    ("recurrent: no barrier in the block sums",
+     "  __syncthreads();\n#pragma unroll\n  for (int n = 0; n < N; ++n) {\n    v[n] = lane",
+     "#pragma unroll\n  for (int n = 0; n < N; ++n) {\n    v[n] = lane"),
+    ("recurrent: LayerNorm-LSTM c mean over 4H", "const C mean_c = c_sum[0] / C(H);",
+     "const C mean_c = c_sum[0] / C(GH);"),
+    ("recurrent: LayerNorm-LSTM output loop stops at the block",
+     "for (int64_t j = t; j < H; j += threads) {\n    const C c_hat",
+     "for (int64_t j = t; j < H && j < threads; j += threads) {\n    const C c_hat"),
+    ("recurrent: LayerNorm-LSTM backward writes dc_prev before its last read of dc",
+     "      d_x[k] = to_storage<T>(d_pre[g]);",
+     "      d_x[k] = to_storage<T>(d_pre[g]);\n      if (g == 3) dc_prev[j] = C(0);"),
+    ("recurrent: LayerNorm-LSTM backward ignores lengths",
+     "  if (!live_row(a.lengths, a.step, row)) {  // nothing flows", "  if (false) {  // nothing flows"),
+    ("recurrent: LayerNorm-LSTM rows not live keep saved",
+     "      for (int64_t k = t; k < W; k += threads) saved[k] = C(0);", "      ;"),
+]  # fmt: skip
+
 TARGETS = [  # (mutants, kernel, its environment variable, its test)
     (MUTANTS, KERNEL, "FASTATTN_EMULATED_KERNEL", "tests/test_cuda_emulated.py"),
     (KVCACHE_MUTANTS, KVCACHE_KERNEL, "FASTATTN_EMULATED_KVCACHE_KERNEL", "tests/test_cuda_emulated_kvcache.py"),
     (NORM_MUTANTS, NORM_KERNEL, "FASTATTN_EMULATED_NORM_KERNEL", "tests/test_cuda_emulated_norm.py"),
     (POSITIONAL_MUTANTS, POSITIONAL_KERNEL, "FASTATTN_EMULATED_POSITIONAL_KERNEL",
      "tests/test_cuda_emulated_positional.py"),
+    (RECURRENT_MUTANTS, RECURRENT_KERNEL, "FASTATTN_EMULATED_RECURRENT_KERNEL",
+     "tests/test_cuda_emulated_recurrent.py"),
 ]
 
 
