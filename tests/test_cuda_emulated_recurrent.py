@@ -27,7 +27,7 @@ or reads or writes past a row or a tensor, fails or crashes.
 What passing shows: every kind in float16, bfloat16, float32 and float64 at hidden sizes 1, 7, 40 and 129 (the element
 kernels: one or several blocks, a partial last one; the LayerNorm-LSTM's row kernel with 32 and 128 threads, looping
 over rows wider than its block) and 600 (512 threads), with and without lengths, with and without b_hh and the norms'
-affine tensors (null: weight 1, bias 0), the LSTM with a projection (no out, no dh_pass), dc_prev aliasing dc (as the
+affine tensors (null: weight 1, bias 0), both LSTMs with a projection (no out, no dh_pass), dc_prev aliasing dc (as the
 driver passes it) and not, under both emulator schedules for the cases with barriers and a few others; and the
 launchers' refusals (unknown dtype or kind, a missing pointer) and an empty batch.
 FASTATTN_EMULATED_RECURRENT_KERNEL=path/recurrent_kernel.cu tests another kernel source instead.
@@ -100,7 +100,7 @@ class Case:
     lengths: bool  # some rows not live at the step
     affine: bool  # b_hh and (LayerNorm-LSTM) the norms' weights and biases given; else null
     batch: int = 5
-    project: bool = False  # the LSTM with a projection: no out, h_new of live rows only, no grad_out, no dh_pass
+    project: bool = False  # the LSTMs with a projection: no out, h_new of live rows only, no grad_out, no dh_pass
     alias: bool = True  # dc_prev is dc, as the driver passes it
     reversed_too: bool = False  # also under the reversed schedule
 
@@ -131,6 +131,8 @@ CASES += [
       for dtype in DTYPES),
     Case("lstm", FP16, 40, lengths=True, affine=True, project=True),
     Case("lstm", FP64, 7, lengths=False, affine=False, project=True),
+    Case("layernorm_lstm", BF16, 129, lengths=True, affine=True, project=True),
+    Case("layernorm_lstm", FP64, 40, lengths=True, affine=False, project=True),
     Case("lstm", BF16, 129, lengths=True, affine=True, alias=False, reversed_too=True),
     Case("layernorm_lstm", FP32, 40, lengths=True, affine=True, alias=False),
     Case("layernorm_lstm", FP64, 129, lengths=True, affine=False, alias=False),
