@@ -55,7 +55,9 @@ struct RecurrentStepForwardArgs {
   const void* c_prev;          // contiguous (B, H), LSTM only
   void* c_new;                 // contiguous (B, H), LSTM only
   void* h_new;                 // contiguous (B, H): the new state (rows not live: h_prev); with a projection
-                               // (project = true): sigma(o) tanh(c') for every row, nothing else written
+                               // (project = true): the cell's h before it, sigma(o) tanh(c') (LayerNorm-LSTM:
+                               // tanh(LN_c(c'))), on live rows (others may stay unwritten: the driver keeps
+                               // their state), nothing else written
   void* out;                   // (B, H), row stride out_stride: h_new, 0 for rows not live; null with a projection
   int64_t out_stride;
   void* saved;                 // contiguous (B, recurrent_saved_width) or null (inference)

@@ -2,8 +2,9 @@
 
 :func:`recurrent_layer` runs one direction of one layer over time: the input projections of every step are one
 matmul (large CPU inference: one per chunk of steps), then the torch.library op ``fastattn::recurrent`` runs the
-steps, each the recurrent matmul and one fused pointwise cell kernel (``csrc/recurrent_driver.h``), and its
-backward runs through time the same way.
+steps on a kernel backend, each the recurrent matmul and one fused pointwise cell kernel (C++ CPU and CUDA:
+``csrc/recurrent_driver.h``; Triton: ``fastattn/triton_kernels/recurrent.py``), and its backward runs through time
+the same way.
 :func:`recurrent` stacks layers and directions as torch.nn.LSTM / GRU / RNN do, with dropout between layers.
 Semantics, shapes and parameter names are those of :func:`fastattn.reference.recurrent_layer` /
 :func:`fastattn.reference.recurrent`; the ``reference`` backend runs those under autograd.
@@ -46,7 +47,7 @@ def _dtype_check(x: Tensor, *_) -> Optional[str]:
 
 
 CHECKS = {
-    "cuda": lambda *_: "no CUDA recurrent kernel yet",
+    "cuda": _dtype_check,
     "triton": _dtype_check,
     "cpu": _dtype_check,
     "reference": lambda *_: None,
