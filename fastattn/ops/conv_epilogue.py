@@ -14,6 +14,7 @@ from fastattn import backends, reference
 from fastattn.ops._eager import EagerOp
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+GPU_DTYPES = (torch.float16, torch.bfloat16, torch.float32)  # the CUDA C++ kernels' (float64 runs on Triton)
 ACTIVATIONS = reference.CONV_ACTIVATIONS
 NAME = "fastattn.conv_epilogue"
 
@@ -71,9 +72,9 @@ def _output_shape(y: Tensor, pool: bool) -> tuple[int, int, int, int]:
     return (n, c, h // 2, w // 2) if pool else (n, c, h, w)
 
 
-def _cpu_layout(t: Tensor, nhwc: bool) -> Tensor:
-    """t (N, C, rows, cols) with the inner layout the C++ kernels read (csrc/conv_epilogue.h), copied only when it
-    has not: unit stride over W (NCHW), or over C with W's stride C (NHWC)."""
+def _kernel_layout(t: Tensor, nhwc: bool) -> Tensor:
+    """t (N, C, rows, cols) with the inner layout the C++ and CUDA kernels read (csrc/conv_epilogue.h), copied only
+    when it has not: unit stride over W (NCHW), or over C with W's stride C (NHWC)."""
     if nhwc:
         dense = t.stride(1) == 1 and (t.shape[3] <= 1 or t.stride(3) == t.shape[1])
         return t if dense else t.contiguous(memory_format=torch.channels_last)
@@ -86,8 +87,8 @@ def _kernel_bias(bias: Optional[Tensor], y: Tensor) -> Optional[Tensor]:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Backends: what each accepts (None = yes, else why not). No CUDA C++ kernel yet: "cuda" is absent, so
-# backends.select reports "conv_epilogue has no cuda kernel" and a GPU call runs on Triton.
+# Backends: what each accepts (None = yes, else why not). The CUDA C++ kernels take float16, bfloat16 and float32;
+# the cpu and cuda backends both call torch.ops.fastattn_C, whose dispatcher picks the kernel by the device.
 # ---------------------------------------------------------------------------------------------------------
 
 
@@ -99,6 +100,7 @@ def _dtype_check(dtypes):
 
 
 CHECKS = {
+    "cuda": _dtype_check(GPU_DTYPES),
     "triton": _dtype_check(FLOAT_DTYPES),
     "cpu": _dtype_check(FLOAT_DTYPES),
     "reference": _dtype_check(FLOAT_DTYPES),
@@ -123,7 +125,7 @@ def _conv_epilogue(y: Tensor, bias: Optional[Tensor], activation: str, pool: boo
         from fastattn.triton_kernels.conv_epilogue import conv_epilogue_forward  # noqa: PLC0415
 
         return conv_epilogue_forward(y, _kernel_bias(bias, y), activation, pool, nhwc)
-    return torch.ops.fastattn_C.conv_epilogue_forward(_cpu_layout(y, nhwc), _kernel_bias(bias, y), activation, pool)
+    return torch.ops.fastattn_C.conv_epilogue_forward(_kernel_layout(y, nhwc), _kernel_bias(bias, y), activation, pool)
 
 
 conv_epilogue_op = torch.library.custom_op("fastattn::conv_epilogue", _conv_epilogue, mutates_args=())
@@ -156,7 +158,7 @@ def _conv_epilogue_backward(
 
         return conv_epilogue_backward(grad, y, _kernel_bias(bias, y), activation, pool, bias_grad, nhwc)
     return torch.ops.fastattn_C.conv_epilogue_backward(
-        _cpu_layout(grad, nhwc), _cpu_layout(y, nhwc), _kernel_bias(bias, y), activation, pool, bias_grad
+        _kernel_layout(grad, nhwc), _kernel_layout(y, nhwc), _kernel_bias(bias, y), activation, pool, bias_grad
     )
 
 

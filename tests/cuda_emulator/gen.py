@@ -44,6 +44,7 @@ EMULATED = {
 KERNELS = {
     "ptx.h": tuple(EMULATED),
     "attention_kernel.cu": (),
+    "conv_epilogue_kernel.cu": (),
     "kvcache_kernel.cu": (),
     "norm_kernel.cu": (),
     "positional_kernel.cu": (),

@@ -16,6 +16,11 @@ ACTIVATIONS = reference.CONV_ACTIVATIONS
 SHAPES = [(2, 3, 7, 9), (1, 37, 6, 5), (3, 1, 5, 4)]
 
 
+def _skip_unsupported(name, dtype):
+    if dtype == torch.float64 and name == "cuda":
+        pytest.skip("the cuda backend runs float16/bfloat16/float32 (float64 goes to the next backend)")
+
+
 def _layout(y, channels_last):
     return y.contiguous(memory_format=torch.channels_last) if channels_last else y
 
@@ -61,6 +66,7 @@ def _expected_layout(out, y):
 def test_forward_backward(backend_device, dtype, activation, pool, channels_last):
     """Output, grad y and grad bias against float64, with PyTorch's own error in dtype as the allowance."""
     name, device = backend_device
+    _skip_unsupported(name, dtype)
     for index, shape in enumerate(SHAPES):
         y, bias = _inputs(shape, dtype, device, channels_last, seed=index)
         out_shape = (*shape[:2], shape[2] // 2, shape[3] // 2) if pool else shape
@@ -126,7 +132,8 @@ def test_non_contiguous(backend_device, make):
 
 
 def test_gradcheck(backend_device):
-    _, device = backend_device
+    name, device = backend_device
+    _skip_unsupported(name, torch.float64)
     y = torch.randn(2, 3, 5, 4, device=device, dtype=torch.float64)
     bias = torch.randn(3, device=device, dtype=torch.float64, requires_grad=True)
     for channels_last in (False, True):
@@ -207,14 +214,18 @@ def test_compile_fullgraph(backend_device):
         assert_close(got, want.double(), atol=1e-4, name="grad")
 
 
-def test_no_cuda_kernel_falls_to_the_next_backend(monkeypatch):
-    """The cuda backend declares no conv epilogue kernel, so select() passes it over (to Triton on a GPU), and a
-    forced cuda backend says why."""
+def test_cuda_backend_takes_16_and_32_bit(monkeypatch):
+    """The cuda backend declares float16, bfloat16 and float32: a GPU call still goes to Triton first (the cuda
+    priority), and a forced cuda backend takes them and refuses float64, saying why."""
     monkeypatch.setattr(backends, "unavailable_reason", lambda name, device: None)  # as on a GPU with _C built
+    checks, cuda = fastattn.ops.conv_epilogue.CHECKS, torch.device("cuda")
     y = torch.randn(1, 2, 4, 4)
-    assert backends.select("conv_epilogue", torch.device("cuda"), fastattn.ops.conv_epilogue.CHECKS, y) == "triton"
-    with fastattn.backend("cuda"), pytest.raises(backends.BackendError, match="conv_epilogue has no cuda kernel"):
-        fastattn.conv_epilogue(y)
+    assert backends.select("conv_epilogue", cuda, checks, y) == "triton"
+    with fastattn.backend("cuda"):
+        for dtype in (torch.float16, torch.bfloat16, torch.float32):
+            assert backends.select("conv_epilogue_backward", cuda, checks, y.to(dtype)) == "cuda"
+        with pytest.raises(backends.BackendError, match=r"cuda: dtype torch.float64 is not one of"):
+            backends.select("conv_epilogue", cuda, checks, y.double())
 
 
 def test_bad_input():
