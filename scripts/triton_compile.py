@@ -54,7 +54,8 @@ KERNELS = {
     positional: ("_positional_add_kernel", "_embedding_forward_kernel", "_embedding_scatter_kernel"),
     rotary: ("_rotary_kernel",),
     conv_epilogue: ("_conv_epilogue_fwd_kernel", "_conv_epilogue_bwd_kernel"),
-    recurrent: ("_cell_forward", "_layernorm_lstm_forward", "_cell_backward", "_layernorm_lstm_backward"),
+    recurrent: ("_cell_forward", "_layernorm_lstm_forward", "_cell_backward", "_layernorm_lstm_backward",
+                "_sequence_forward", "_sequence_backward"),
 }
 POINTER_TYPES = {
     torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64",
@@ -283,6 +284,10 @@ def cases() -> list[Case]:
         conv_epilogue_case(f32, "gelu_tanh", True, False),
         conv_epilogue_case(f64, "relu", False, True),
         recurrent_case(b16, recurrent.LSTM, 512, quick=True),
+        recurrent_case(b16, recurrent.LSTM, 64, quick=True),  # persistent: every step in one launch
+        recurrent_case(f16, recurrent.GRU, 33),
+        recurrent_case(f32, recurrent.LSTM, 64),
+        recurrent_case(f64, recurrent.LSTM, 64),
         recurrent_case(b16, recurrent.LAYERNORM_LSTM, 1000, quick=True),
         recurrent_case(f16, recurrent.GRU, 256),
         recurrent_case(f32, recurrent.LSTM, 200, projected=True),
@@ -399,8 +404,8 @@ def explain(error: BaseException) -> list[str]:
 
 def describe(launch: Launch) -> str:
     a, o = launch.args, launch.options
-    rows = next((a[k] for k in ("BLOCK_M", "BLOCK_S") if k in a), 1)
-    cols = next((a[k] for k in ("BLOCK_N", "BLOCK_DV", "BLOCK_D", "BLOCK_P", "BLOCK") if k in a), 1)
+    rows = next((a[k] for k in ("BLOCK_M", "BLOCK_S", "BM") if k in a), 1)
+    cols = next((a[k] for k in ("BLOCK_N", "BLOCK_DV", "BLOCK_D", "BLOCK_P", "BLOCK", "BH") if k in a), 1)
     tile = f"{rows}x{cols}"
     name = launch.kernel.__name__.removeprefix("_").removesuffix("_kernel")
     return f"{name:<22} {launch.label:<64} {tile:>8} w{o.get('num_warps', 4)} s{o.get('num_stages', 3)}"

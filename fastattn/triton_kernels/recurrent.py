@@ -26,6 +26,12 @@ from fastattn.triton_kernels.scalars import scalar, scalar_bits
 LSTM, GRU, RNN_TANH, RNN_RELU, LAYERNORM_LSTM = range(5)  # csrc/recurrent.h's RecurrentKind
 GATES = (4, 3, 1, 1, 4)
 MAX_BLOCK = 1024
+# The persistent kernels hold (rows x hidden) tiles of h, c and the gates in registers and stage W_hh's gate tiles
+# in shared memory: with 8 warps and tiles of 64, nothing spills but a few bytes in float64 and shared memory stays
+# under 48 KiB; tiles of 128 spill and their backward needs more shared memory than an H100 has
+# (scripts/triton_compile.py reports both).
+PERSISTENT_MAX_HIDDEN = 64
+PERSISTENT_ROWS = 16  # rows per persistent program (tl.dot's smallest M)
 STEP_ARGS = ["step"]  # varies from launch to launch: never specialised (0, 1, 16, ... would each compile anew)
 
 
@@ -158,50 +164,63 @@ def _store_h(H_NEW, OUT, out_stride, r, j, m, H, h, h_prev, live, PROJECT: tl.co
         tl.store(OUT + r * out_stride + j, tl.where(live, h_new, 0.0).to(OUT.dtype.element_ty), mask=m)
 
 
+@triton.jit
+def _cell(p0, p1, p2, p3, x_n, h_prev, c_prev, KIND: tl.constexpr):
+    """One step of the plain cells on gate values: LSTM p0..p3 = the pre-activations of i, f, g, o; GRU p0, p1 those
+    of r and z, p2 = h_prev W_hn^T + b_hn and x_n the n gate's input; RNN p0. Returns (h', c' (c_prev but for the
+    LSTM), the four saved values: LSTM i, f, g, o after their activations, GRU r, z, n and p2)."""
+    c = c_prev
+    if KIND == 0:
+        s0, s1, s2, s3 = _sigmoid(p0), _sigmoid(p1), _tanh(p2), _sigmoid(p3)
+        c = s1 * c_prev + s0 * s2
+        h = s3 * _tanh(c)
+    elif KIND == 1:
+        s0, s1, s3 = _sigmoid(p0), _sigmoid(p1), p2
+        s2 = _tanh(x_n + s0 * p2)
+        h = (1.0 - s1) * s2 + s1 * h_prev
+    else:
+        if KIND == 2:
+            h = _tanh(p0)
+        else:
+            h = tl.where(p0 < 0.0, 0.0, p0)  # NaN stays NaN
+        s0, s1, s2, s3 = h, h, h, h  # nothing saved
+    return h, c, s0, s1, s2, s3
+
+
 @triton.jit(do_not_specialize=STEP_ARGS)
 def _cell_forward(
     X, x_stride, HH, B_HH, H_PREV, C_PREV, C_NEW, H_NEW, OUT, out_stride, SAVED, LENGTHS, step, H,
     KIND: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LENGTHS: tl.constexpr, PROJECT: tl.constexpr,
     SAVE: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr, RNE: tl.constexpr,
 ):  # fmt: skip
-    """LSTM, GRU, RNN: program (row r, block of hidden units). Saved: LSTM i, f, g, o after their activations;
-    GRU r, z, n and h_prev W_hn^T + b_hn."""
+    """LSTM, GRU, RNN: program (row r, block of hidden units)."""
     r = tl.program_id(0)
     j = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     m = j < H
     G: tl.constexpr = 4 if KIND == 0 else (3 if KIND == 1 else 1)
     live = _live(LENGTHS, r, step, HAS_LENGTHS)
-    x, hh, sv = X + r * x_stride, HH + r * G * H, SAVED + r * 4 * H
+    x, hh = X + r * x_stride, HH + r * G * H
     if PROJECT:  # h has P columns: the driver carries it over
         h_prev = tl.zeros((BLOCK,), ACC)
     else:
         h_prev = _load(H_PREV + r * H, j, m, ACC)
+    p0 = _pre(x, hh, B_HH, j, m, HAS_BIAS, ACC)
+    p1, p2, p3, x_n, c_prev = p0, p0, p0, p0, p0  # what the kind does not use
+    if G > 1:
+        p1 = _pre(x, hh, B_HH, H + j, m, HAS_BIAS, ACC)
     if KIND == 0:
-        i = _sigmoid(_pre(x, hh, B_HH, j, m, HAS_BIAS, ACC))
-        f = _sigmoid(_pre(x, hh, B_HH, H + j, m, HAS_BIAS, ACC))
-        g = _tanh(_pre(x, hh, B_HH, 2 * H + j, m, HAS_BIAS, ACC))
-        o = _sigmoid(_pre(x, hh, B_HH, 3 * H + j, m, HAS_BIAS, ACC))
+        p2, p3 = _pre(x, hh, B_HH, 2 * H + j, m, HAS_BIAS, ACC), _pre(x, hh, B_HH, 3 * H + j, m, HAS_BIAS, ACC)
         c_prev = _load(C_PREV + r * H, j, m, ACC)
-        c = f * c_prev + i * g
-        h = o * _tanh(c)
-        tl.store(C_NEW + r * H + j, tl.where(live, c, c_prev), mask=m)
-        if SAVE:
-            _save4(sv, H, j, m, live, i, f, g, o)
     elif KIND == 1:
-        rr = _sigmoid(_pre(x, hh, B_HH, j, m, HAS_BIAS, ACC))
-        z = _sigmoid(_pre(x, hh, B_HH, H + j, m, HAS_BIAS, ACC))
-        hn = _load(hh, 2 * H + j, m, ACC)
+        p2 = _load(hh, 2 * H + j, m, ACC)
         if HAS_BIAS:
-            hn += _load(B_HH, 2 * H + j, m, ACC)
-        n = _tanh(_load(x, 2 * H + j, m, ACC) + rr * hn)
-        h = (1.0 - z) * n + z * h_prev
-        if SAVE:
-            _save4(sv, H, j, m, live, rr, z, n, hn)
-    elif KIND == 2:
-        h = _tanh(_pre(x, hh, B_HH, j, m, HAS_BIAS, ACC))
-    else:
-        pre = _pre(x, hh, B_HH, j, m, HAS_BIAS, ACC)
-        h = tl.where(pre < 0.0, 0.0, pre)  # NaN stays NaN
+            p2 += _load(B_HH, 2 * H + j, m, ACC)
+        x_n = _load(x, 2 * H + j, m, ACC)
+    h, c, s0, s1, s2, s3 = _cell(p0, p1, p2, p3, x_n, h_prev, c_prev, KIND)
+    if KIND == 0:
+        tl.store(C_NEW + r * H + j, tl.where(live, c, c_prev), mask=m)
+    if SAVE:
+        _save4(SAVED + r * 4 * H, H, j, m, live, s0, s1, s2, s3)
     _store_h(H_NEW, OUT, out_stride, r, j, m, H, h, h_prev, live, PROJECT, RNE)
 
 
@@ -304,6 +323,30 @@ def _dh(GRAD_OUT, grad_out_stride, DH, r, j, m, H, HAS_GRAD_OUT: tl.constexpr, A
     return dh_in, dh
 
 
+@triton.jit
+def _cell_grad(dh, dc, s0, s1, s2, s3, c_prev, c_new, h_prev, h_new, KIND: tl.constexpr):
+    """Gradients of one plain step from dh (reaching h', the output's included), dc (reaching c', LSTM) and the
+    saved values s0..s3: (the four gate rows of d_hh, GRU's gradient of x_n, dc_prev, the gradient of h_prev not
+    through W_hh). d_hh is the gradient of the pre-activations (= of x, except GRU's n gate: of hh_n + b_hn)."""
+    zero = tl.zeros_like(dh)
+    d0, d1, d2, d3, dx_n, dc_prev, passed = zero, zero, zero, zero, zero, dc, zero
+    if KIND == 0:
+        tc = _tanh(c_new)
+        dcj = dc + dh * s3 * (1.0 - tc * tc)
+        d0, d1 = dcj * s2 * s0 * (1.0 - s0), dcj * c_prev * s1 * (1.0 - s1)
+        d2, d3 = dcj * s0 * (1.0 - s2 * s2), dh * tc * s3 * (1.0 - s3)
+        dc_prev = dcj * s1
+    elif KIND == 1:
+        dx_n = dh * (1.0 - s1) * (1.0 - s2 * s2)
+        d0, d1, d2 = dx_n * s3 * s0 * (1.0 - s0), dh * (h_prev - s2) * s1 * (1.0 - s1), dx_n * s0
+        passed = dh * s1
+    elif KIND == 2:
+        d0 = dh * (1.0 - h_new * h_new)
+    else:
+        d0 = tl.where(h_new > 0.0, dh, 0.0)
+    return d0, d1, d2, d3, dx_n, dc_prev, passed
+
+
 @triton.jit(do_not_specialize=STEP_ARGS)
 def _cell_backward(
     GRAD_OUT, grad_out_stride, DH, DC, DC_PREV, SAVED, C_PREV, C_NEW, H_PREV, H_NEW, D_HH, D_X, d_x_stride,
@@ -320,37 +363,30 @@ def _cell_backward(
     live = _live(LENGTHS, r, step, HAS_LENGTHS)
     dh_in, dh = _dh(GRAD_OUT, grad_out_stride, DH, r, j, m, H, HAS_GRAD_OUT, ACC)
     sv, d_hh = SAVED + r * 4 * H, D_HH + r * G * H
-    passed = tl.zeros((BLOCK,), ACC)  # the gradient of h_prev not through W_hh
+    s0, s1, s2, s3, dc, c_prev, c_new, h_prev, h_new = dh, dh, dh, dh, dh, dh, dh, dh, dh  # what the kind does not use
+    if G > 1:
+        s0, s1 = _load(sv, j, m, ACC), _load(sv, H + j, m, ACC)
+        s2, s3 = _load(sv, 2 * H + j, m, ACC), _load(sv, 3 * H + j, m, ACC)
     if KIND == 0:
-        i, f = _load(sv, j, m, ACC), _load(sv, H + j, m, ACC)
-        g, o = _load(sv, 2 * H + j, m, ACC), _load(sv, 3 * H + j, m, ACC)
-        tc = _tanh(_load(C_NEW + r * H, j, m, ACC))
         dc = _load(DC + r * H, j, m, ACC)
-        dcj = dc + dh * o * (1.0 - tc * tc)
-        d_i, d_f = dcj * g * i * (1.0 - i), dcj * _load(C_PREV + r * H, j, m, ACC) * f * (1.0 - f)
-        _store4(d_hh, H, j, m, live, d_i, d_f, dcj * i * (1.0 - g * g), dh * tc * o * (1.0 - o), RNE)
-        tl.store(DC_PREV + r * H + j, tl.where(live, dcj * f, dc), mask=m)
+        c_prev, c_new = _load(C_PREV + r * H, j, m, ACC), _load(C_NEW + r * H, j, m, ACC)
     elif KIND == 1:
-        rr, z = _load(sv, j, m, ACC), _load(sv, H + j, m, ACC)
-        n, hn = _load(sv, 2 * H + j, m, ACC), _load(sv, 3 * H + j, m, ACC)
-        dn = dh * (1.0 - z) * (1.0 - n * n)
-        dr = dn * hn * rr * (1.0 - rr)
-        dz = dh * (_load(H_PREV + r * H, j, m, ACC) - n) * z * (1.0 - z)
-        d_x = D_X + r * d_x_stride
-        _store_live(d_hh + j, dr, m, live, RNE)
-        _store_live(d_hh + H + j, dz, m, live, RNE)
-        _store_live(d_hh + 2 * H + j, dn * rr, m, live, RNE)
-        _store_live(d_x + j, dr, m, live, RNE)
-        _store_live(d_x + H + j, dz, m, live, RNE)
-        _store_live(d_x + 2 * H + j, dn, m, live, RNE)
-        passed = dh * z
+        h_prev = _load(H_PREV + r * H, j, m, ACC)
     else:
         h_new = _load(H_NEW + r * H, j, m, ACC)
-        if KIND == 2:
-            d = dh * (1.0 - h_new * h_new)
-        else:
-            d = tl.where(h_new > 0.0, dh, 0.0)
-        _store_live(d_hh + j, d, m, live, RNE)
+    d0, d1, d2, d3, dx_n, dc_prev, passed = _cell_grad(dh, dc, s0, s1, s2, s3, c_prev, c_new, h_prev, h_new, KIND)
+    _store_live(d_hh + j, d0, m, live, RNE)
+    if G > 1:
+        _store_live(d_hh + H + j, d1, m, live, RNE)
+        _store_live(d_hh + 2 * H + j, d2, m, live, RNE)
+    if KIND == 0:
+        _store_live(d_hh + 3 * H + j, d3, m, live, RNE)
+        tl.store(DC_PREV + r * H + j, tl.where(live, dc_prev, dc), mask=m)
+    elif KIND == 1:
+        d_x = D_X + r * d_x_stride
+        _store_live(d_x + j, d0, m, live, RNE)
+        _store_live(d_x + H + j, d1, m, live, RNE)
+        _store_live(d_x + 2 * H + j, dx_n, m, live, RNE)
     if HAS_PASS:
         tl.store(DH_PASS + r * H + j, _narrow(tl.where(live, passed, dh_in), DH_PASS, RNE), mask=m)
 
@@ -432,6 +468,169 @@ def _layernorm_lstm_backward(
 
 
 # ---------------------------------------------------------------------------------------------------------
+# Persistent kernels: every step of a block of BM rows in one launch. Rows are independent through time, so a
+# program keeps its rows' h (and c, or dh and dc backward) in registers and multiplies by W_hh with tl.dot each
+# step, reading W_hh from L2: no launch and no torch.mm per step, for the small, launch-bound layers (H <=
+# PERSISTENT_MAX_HIDDEN, no projection, not the LayerNorm-LSTM). Same outputs as the per-step loop; h (and dh)
+# are rounded to the layer's dtype after every step as the per-step loop stores them, and the products are
+# accumulated in float32 (float64) from operands in the layer's dtype.
+# ---------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _gate_product(v, W, g, H, kk, nn, wm, TRANSPOSED: tl.constexpr, DOT: tl.constexpr):
+    """v (BM, BH) times gate g's block of W_hh (G*H, H): v W_g^T (forward), or v W_g (TRANSPOSED, backward)."""
+    if TRANSPOSED:  # tile[k, n] = W[g*H + k, n]
+        w = tl.load(W + (g * H + kk) * H + nn, mask=wm, other=0.0)
+    else:  # tile[k, n] = W[g*H + n, k]
+        w = tl.load(W + (g * H + nn) * H + kk, mask=wm, other=0.0)
+    return tl.dot(v.to(DOT), w.to(DOT), input_precision="ieee")
+
+
+@triton.jit
+def _bias_row(B_HH, g, H, cols, HAS_BIAS: tl.constexpr, ACC: tl.constexpr):
+    """Gate g's b_hh as a (1, BH) row, or zeros."""
+    if HAS_BIAS:
+        b = tl.load(B_HH + g * H + cols, mask=cols < H, other=0.0).to(ACC)
+    else:
+        b = cols.to(ACC) * 0.0
+    return b[None, :]
+
+
+@triton.jit
+def _sequence_forward(
+    X, sx_t, sx_b, W_HH, B_HH, HSTATE, CSTATE, OUT, SAVED, LENGTHS, S, B, H,
+    KIND: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LENGTHS: tl.constexpr, SAVE: tl.constexpr,
+    REVERSE: tl.constexpr, ACC: tl.constexpr, BM: tl.constexpr, BH: tl.constexpr, RNE: tl.constexpr,
+    DOT: tl.constexpr,
+):  # fmt: skip
+    """LSTM, GRU, RNN over all S steps for rows [pid BM, pid BM + BM): X (S, B, G*H) with strides (sx_t, sx_b, 1);
+    HSTATE (S + 1, B, H), CSTATE, OUT, SAVED (S, B, 4H) contiguous, as the per-step loop fills them."""
+    G: tl.constexpr = 4 if KIND == 0 else (3 if KIND == 1 else 1)
+    STATE = HSTATE.dtype.element_ty
+    rows = tl.program_id(0) * BM + tl.arange(0, BM)
+    cols = tl.arange(0, BH)
+    inside = (rows[:, None] < B) & (cols[None, :] < H)
+    kk, nn = tl.arange(0, BH)[:, None], tl.arange(0, BH)[None, :]
+    wm = (kk < H) & (nn < H)
+    slab = rows[:, None] * H + cols[None, :]  # offsets in a (B, H) slab
+    gates = rows[:, None] * (G * H) + cols[None, :]  # offsets of gate 0 in a (B, G*H) slab
+    h = tl.load(HSTATE + S * REVERSE * B * H + slab, mask=inside, other=0.0).to(ACC)
+    c = h
+    if KIND == 0:
+        c = tl.load(CSTATE + S * REVERSE * B * H + slab, mask=inside, other=0.0).to(ACC)
+    if HAS_LENGTHS:
+        length = tl.load(LENGTHS + rows, mask=rows < B, other=0)
+    else:
+        length = rows * 0 + S
+    for k in range(S):
+        t = S - 1 - k if REVERSE else k
+        after = t + 1 - REVERSE
+        live = (t < length)[:, None]
+        x = X + t * sx_t + rows[:, None] * sx_b + cols[None, :]
+        p0 = _gate_product(h, W_HH, 0, H, kk, nn, wm, False, DOT) + _bias_row(B_HH, 0, H, cols, HAS_BIAS, ACC)
+        p0 += tl.load(x, mask=inside, other=0.0).to(ACC)
+        p1, p2, p3, x_n = p0, p0, p0, p0  # what the kind does not use
+        if G > 1:
+            p1 = _gate_product(h, W_HH, 1, H, kk, nn, wm, False, DOT) + _bias_row(B_HH, 1, H, cols, HAS_BIAS, ACC)
+            p1 += tl.load(x + H, mask=inside, other=0.0).to(ACC)
+            p2 = _gate_product(h, W_HH, 2, H, kk, nn, wm, False, DOT) + _bias_row(B_HH, 2, H, cols, HAS_BIAS, ACC)
+            x_n = tl.load(x + 2 * H, mask=inside, other=0.0).to(ACC)
+        if KIND == 0:
+            p2 += x_n
+            p3 = _gate_product(h, W_HH, 3, H, kk, nn, wm, False, DOT) + _bias_row(B_HH, 3, H, cols, HAS_BIAS, ACC)
+            p3 += tl.load(x + 3 * H, mask=inside, other=0.0).to(ACC)
+        h_cell, c_cell, s0, s1, s2, s3 = _cell(p0, p1, p2, p3, x_n, h, c, KIND)
+        h_cell = _narrow(h_cell, HSTATE, RNE)
+        h = tl.where(live, h_cell.to(ACC), h)
+        c = tl.where(live, c_cell, c)
+        tl.store(HSTATE + after * B * H + slab, h.to(STATE), mask=inside)
+        tl.store(OUT + t * B * H + slab, tl.where(live, h_cell, 0.0).to(STATE), mask=inside)
+        if KIND == 0:
+            tl.store(CSTATE + after * B * H + slab, c, mask=inside)
+        if SAVE:
+            sv = SAVED + t * B * 4 * H + rows[:, None] * 4 * H + cols[None, :]
+            tl.store(sv, tl.where(live, s0, 0.0), mask=inside)
+            tl.store(sv + H, tl.where(live, s1, 0.0), mask=inside)
+            tl.store(sv + 2 * H, tl.where(live, s2, 0.0), mask=inside)
+            tl.store(sv + 3 * H, tl.where(live, s3, 0.0), mask=inside)
+
+
+@triton.jit
+def _sequence_backward(
+    GRAD_OUT, sg_t, sg_b, DH, DC, W_HH, HSTATE, CSTATE, SAVED, LENGTHS, D_HH, D_X, S, B, H,
+    KIND: tl.constexpr, HAS_LENGTHS: tl.constexpr, REVERSE: tl.constexpr, ACC: tl.constexpr, BM: tl.constexpr,
+    BH: tl.constexpr, RNE: tl.constexpr, DOT: tl.constexpr,
+):  # fmt: skip
+    """Backward through all S steps of _sequence_forward for rows [pid BM, pid BM + BM): GRAD_OUT (S, B, H) with
+    strides (sg_t, sg_b, 1); DH (B, H) and DC (B, H, compute type) hold the gradients of h_n and c_n and are
+    overwritten with those of h0 and c0; D_HH (S, B, G*H) and, for the GRU, D_X as the per-step loop fills them."""
+    G: tl.constexpr = 4 if KIND == 0 else (3 if KIND == 1 else 1)
+    STATE = HSTATE.dtype.element_ty
+    rows = tl.program_id(0) * BM + tl.arange(0, BM)
+    cols = tl.arange(0, BH)
+    inside = (rows[:, None] < B) & (cols[None, :] < H)
+    kk, nn = tl.arange(0, BH)[:, None], tl.arange(0, BH)[None, :]
+    wm = (kk < H) & (nn < H)
+    slab = rows[:, None] * H + cols[None, :]
+    gates = rows[:, None] * (G * H) + cols[None, :]
+    dh = tl.load(DH + slab, mask=inside, other=0.0).to(ACC)
+    dc = dh
+    if KIND == 0:
+        dc = tl.load(DC + slab, mask=inside, other=0.0).to(ACC)
+    if HAS_LENGTHS:
+        length = tl.load(LENGTHS + rows, mask=rows < B, other=0)
+    else:
+        length = rows * 0 + S
+    for k in range(S):
+        t = k if REVERSE else S - 1 - k
+        before, after = t + REVERSE, t + 1 - REVERSE
+        live = (t < length)[:, None]
+        dh_total = dh + tl.load(GRAD_OUT + t * sg_t + rows[:, None] * sg_b + cols[None, :], mask=inside, other=0.0)
+        sv = SAVED + t * B * 4 * H + rows[:, None] * 4 * H + cols[None, :]
+        s0, s1, s2, s3, c_prev, c_new, h_prev, h_new = dh, dh, dh, dh, dh, dh, dh, dh  # what the kind does not use
+        if G > 1:
+            s0, s1 = tl.load(sv, mask=inside, other=0.0), tl.load(sv + H, mask=inside, other=0.0)
+            s2, s3 = tl.load(sv + 2 * H, mask=inside, other=0.0), tl.load(sv + 3 * H, mask=inside, other=0.0)
+        if KIND == 0:
+            c_prev = tl.load(CSTATE + before * B * H + slab, mask=inside, other=0.0)
+            c_new = tl.load(CSTATE + after * B * H + slab, mask=inside, other=0.0)
+        elif KIND == 1:
+            h_prev = tl.load(HSTATE + before * B * H + slab, mask=inside, other=0.0).to(ACC)
+        else:
+            h_new = tl.load(HSTATE + after * B * H + slab, mask=inside, other=0.0).to(ACC)
+        d0, d1, d2, d3, dx_n, dc_prev, passed = _cell_grad(dh_total.to(ACC), dc, s0, s1, s2, s3, c_prev, c_new,
+                                                           h_prev, h_new, KIND)  # fmt: skip
+        # rows not live: no gradient into the step, dh and dc pass through
+        d0 = _narrow(tl.where(live, d0, 0.0), D_HH, RNE)
+        d_hh = D_HH + t * B * G * H + gates
+        tl.store(d_hh, d0, mask=inside)
+        back = _gate_product(d0, W_HH, 0, H, kk, nn, wm, True, DOT)
+        if G > 1:
+            d1 = _narrow(tl.where(live, d1, 0.0), D_HH, RNE)
+            d2 = _narrow(tl.where(live, d2, 0.0), D_HH, RNE)
+            tl.store(d_hh + H, d1, mask=inside)
+            tl.store(d_hh + 2 * H, d2, mask=inside)
+            back += _gate_product(d1, W_HH, 1, H, kk, nn, wm, True, DOT)
+            back += _gate_product(d2, W_HH, 2, H, kk, nn, wm, True, DOT)
+        if KIND == 0:
+            d3 = _narrow(tl.where(live, d3, 0.0), D_HH, RNE)
+            tl.store(d_hh + 3 * H, d3, mask=inside)
+            back += _gate_product(d3, W_HH, 3, H, kk, nn, wm, True, DOT)
+            dc = tl.where(live, dc_prev, dc)
+        elif KIND == 1:
+            d_x = D_X + t * B * G * H + gates
+            tl.store(d_x, d0, mask=inside)
+            tl.store(d_x + H, d1, mask=inside)
+            tl.store(d_x + 2 * H, _narrow(tl.where(live, dx_n, 0.0), D_X, RNE), mask=inside)
+        passed = _narrow(tl.where(live, passed, dh), D_HH, RNE).to(ACC)
+        dh = _narrow(passed + back, D_HH, RNE).to(ACC)  # as the per-step loop's addmm rounds it
+    tl.store(DH + slab, dh.to(STATE), mask=inside)
+    if KIND == 0:
+        tl.store(DC + slab, dc, mask=inside)
+
+
+# ---------------------------------------------------------------------------------------------------------
 # The time loops (csrc/recurrent_driver.h's, in Python): hstate (S + 1, B, P) holds the state before step t at
 # t + reverse and after it at t + 1 - reverse; cstate (S + 1, B, H) likewise for c, in the compute type.
 # ---------------------------------------------------------------------------------------------------------
@@ -444,6 +643,22 @@ def _block(hidden: int) -> int:
 def _or(t: Optional[Tensor], dummy: Tensor) -> Tensor:
     """t, or any tensor for a pointer the kernel does not read (its HAS_ flag is off)."""
     return dummy if t is None else t
+
+
+def _persistent(kind: int, hidden: int, project: bool) -> bool:
+    """Whether a layer runs on the persistent kernels (every step in one launch)."""
+    return kind in (LSTM, GRU, RNN_TANH, RNN_RELU) and not project and hidden <= PERSISTENT_MAX_HIDDEN
+
+
+def _persistent_args(batch: int, hidden: int, dtype: torch.dtype) -> tuple[tuple[int], dict]:
+    """(grid, the meta-parameters both persistent kernels share)."""
+    grid = (triton.cdiv(batch, PERSISTENT_ROWS),)
+    # the matmuls' operand type: the layer's, but float32 for bfloat16 under the interpreter, whose bfloat16 tl.dot
+    # is wrong (the operands are bfloat16 values either way)
+    dot = tl.float32 if _emulate_rounding(dtype) else {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16,
+                                                       torch.float32: tl.float32, torch.float64: tl.float64}[dtype]
+    return grid, dict(BM=PERSISTENT_ROWS, BH=triton.next_power_of_2(max(hidden, 16)), ACC=_acc(dtype),
+                      RNE=_emulate_rounding(dtype), DOT=dot, num_stages=1, num_warps=8)  # fmt: skip
 
 
 def _steps(seq: int, reverse: bool):
@@ -489,6 +704,16 @@ def recurrent_forward(
     h_pre = x_proj.new_empty(batch, hidden) if project else None
     b = None if b_hh is None else b_hh.contiguous()
     norms = [None if n is None else n.contiguous() for n in (norm_hh_weight, norm_hh_bias, norm_c_weight, norm_c_bias)]
+    if _persistent(kind, hidden, project):
+        grid, meta = _persistent_args(batch, hidden, x_proj.dtype)
+        _sequence_forward[grid](
+            x_proj, x_proj.stride(0), x_proj.stride(1), w_hh.contiguous(), _or(b, hh), hstate,
+            cstate if lstm else hstate, out, saved if saved.numel() else hstate, _or(lengths, hh), seq, batch, hidden,
+            KIND=kind,
+            HAS_BIAS=b is not None, HAS_LENGTHS=lengths is not None, SAVE=saved.numel() > 0, REVERSE=int(reverse),
+            **meta,
+        )  # fmt: skip
+        return out, hstate, cstate, saved
     block = _block(hidden)
     for t, before, after in _steps(seq, reverse):
         h_prev = hstate[before]
@@ -566,42 +791,51 @@ def recurrent_backward(
         dc = grad_out.new_zeros(batch, hidden, dtype=compute)
     elif lstm:
         dc = grad_c_n.to(compute).contiguous().clone()
-    passed = grad_out.new_empty(batch, proj)
     d_hp = grad_out.new_zeros(seq, batch, proj) if project else None
     norm_hh_weight, norm_c_weight, norm_c_bias = (None if n is None else n.contiguous()
                                                   for n in (norm_hh_weight, norm_c_weight, norm_c_bias))  # fmt: skip
-    block = _block(hidden)
-    for t, before, after in reversed(list(_steps(seq, reverse))):
-        live = None if lengths is None else lengths.gt(t).unsqueeze(1)
-        dh_cell = dh
-        if project:  # the output's gradient joins dh on live rows, then goes through W_hr to the cell's h
-            dh_total = dh + grad_out[t]
-            if live is not None:
-                dh_total = torch.where(live, dh_total, dh)
-            d_hp[t].copy_(dh_total if live is None else dh_total * live)
-            dh = dh_total
-            dh_cell = torch.mm(dh_total, w_hr)
-        common = dict(GRAD_OUT=grad_out[t], grad_out_stride=grad_out.stride(1), DH=dh_cell,
-                      DC=_or(dc, dh), DC_PREV=_or(dc, dh), SAVED=saved[t] if saved.numel() else dh,
-                      C_PREV=cstate[before] if lstm else dh, D_HH=d_hh[t], D_X=d_x[t], d_x_stride=width,
-                      DH_PASS=passed, LENGTHS=_or(lengths, dh), step=t, H=hidden, HAS_GRAD_OUT=not project,
-                      HAS_LENGTHS=lengths is not None, HAS_PASS=not project, ACC=acc, BLOCK=block,
-                      RNE=_emulate_rounding(dtype))  # fmt: skip
-        if layernorm:
-            _layernorm_lstm_backward[(batch,)](
-                NHW=_or(norm_hh_weight, dh), NCW=_or(norm_c_weight, dh), NCB=_or(norm_c_bias, dh), D_CN=d_cn[t],
-                D_PRE=d_pre, HAS_NHW=norm_hh_weight is not None, HAS_NCW=norm_c_weight is not None,
-                HAS_NCB=norm_c_bias is not None, **common,
-            )  # fmt: skip
-        else:
-            _cell_backward[(batch, triton.cdiv(hidden, block))](
-                C_NEW=cstate[after] if lstm else dh, H_PREV=hstate[before], H_NEW=hstate[after], KIND=kind, **common,
-            )  # fmt: skip
-        if project:  # rows not live pass dh on untouched
-            carry = torch.zeros_like(dh) if live is None else dh * live.logical_not()
-            dh = torch.addmm(carry, d_hh[t], w_hh)
-        else:
-            dh = torch.addmm(passed, d_hh[t], w_hh)
+    if _persistent(kind, hidden, project):
+        grid, meta = _persistent_args(batch, hidden, dtype)
+        _sequence_backward[grid](
+            grad_out, grad_out.stride(0), grad_out.stride(1), dh, _or(dc, dh), w_hh.contiguous(), hstate,
+            cstate if lstm else hstate, saved if saved.numel() else hstate, _or(lengths, dh), d_hh, d_x, seq, batch,
+            hidden, KIND=kind, HAS_LENGTHS=lengths is not None, REVERSE=int(reverse), **meta,
+        )  # fmt: skip
+    else:
+        block = _block(hidden)
+        passed = grad_out.new_empty(batch, proj)
+        for t, before, after in reversed(list(_steps(seq, reverse))):
+            live = None if lengths is None else lengths.gt(t).unsqueeze(1)
+            dh_cell = dh
+            if project:  # the output's gradient joins dh on live rows, then goes through W_hr to the cell's h
+                dh_total = dh + grad_out[t]
+                if live is not None:
+                    dh_total = torch.where(live, dh_total, dh)
+                d_hp[t].copy_(dh_total if live is None else dh_total * live)
+                dh = dh_total
+                dh_cell = torch.mm(dh_total, w_hr)
+            common = dict(GRAD_OUT=grad_out[t], grad_out_stride=grad_out.stride(1), DH=dh_cell,
+                          DC=_or(dc, dh), DC_PREV=_or(dc, dh), SAVED=saved[t] if saved.numel() else dh,
+                          C_PREV=cstate[before] if lstm else dh, D_HH=d_hh[t], D_X=d_x[t], d_x_stride=width,
+                          DH_PASS=passed, LENGTHS=_or(lengths, dh), step=t, H=hidden, HAS_GRAD_OUT=not project,
+                          HAS_LENGTHS=lengths is not None, HAS_PASS=not project, ACC=acc, BLOCK=block,
+                          RNE=_emulate_rounding(dtype))  # fmt: skip
+            if layernorm:
+                _layernorm_lstm_backward[(batch,)](
+                    NHW=_or(norm_hh_weight, dh), NCW=_or(norm_c_weight, dh), NCB=_or(norm_c_bias, dh), D_CN=d_cn[t],
+                    D_PRE=d_pre, HAS_NHW=norm_hh_weight is not None, HAS_NCW=norm_c_weight is not None,
+                    HAS_NCB=norm_c_bias is not None, **common,
+                )  # fmt: skip
+            else:
+                _cell_backward[(batch, triton.cdiv(hidden, block))](
+                    C_NEW=cstate[after] if lstm else dh, H_PREV=hstate[before], H_NEW=hstate[after], KIND=kind,
+                    **common,
+                )  # fmt: skip
+            if project:  # rows not live pass dh on untouched
+                carry = torch.zeros_like(dh) if live is None else dh * live.logical_not()
+                dh = torch.addmm(carry, d_hh[t], w_hh)
+            else:
+                dh = torch.addmm(passed, d_hh[t], w_hh)
     rev = int(reverse)
     d_w_hh = d_hh.view(seq * batch, width).t().mm(hstate.narrow(0, rev, seq).reshape(seq * batch, proj))
     d_b_hh = (d_x if layernorm else d_hh).view(seq * batch, width).sum(0, dtype=compute).to(dtype)

@@ -124,16 +124,21 @@ def test_low_precision_error_ratio(backend_device, kind, dtype):
         assert_error_ratio(ours, truth, base, ratio=GRADIENT_RATIO, name="gradient")
 
 
+@pytest.mark.parametrize("persistent", [False, True], ids=["per-step", "persistent"])
 @pytest.mark.parametrize("kind", KINDS)
-def test_triton_rows_longer_than_a_block(kind, monkeypatch):
-    """The Triton cells in blocks of 8 hidden units: H = 21 spans three, the last partial (the plain kinds' grid of
-    blocks, the LayerNorm-LSTM's loops over its row of 4H and of H)."""
+def test_triton_blocks_and_programs(kind, persistent, monkeypatch):
+    """The Triton kernels where their tiles do not fit the problem. Per step (the plain kinds' persistent kernels
+    off): blocks of 8 hidden units, so H = 21 spans three, the last partial (the plain kinds' grid of blocks, the
+    LayerNorm-LSTM's loops over its rows of 4H and H). Persistent (plain kinds; the LayerNorm-LSTM runs per step
+    regardless): 19 rows, two programs of 16 rows, the second partial, and H = 21 in tiles of 32."""
     from fastattn.triton_kernels import recurrent as kernels  # noqa: PLC0415
 
     monkeypatch.setattr(kernels, "MAX_BLOCK", 8)
+    monkeypatch.setattr(kernels, "PERSISTENT_MAX_HIDDEN", 128 if persistent else 0)
     device = "cuda" if torch.cuda.is_available() else "cpu"  # CPU tensors run through the Triton interpreter
-    problem = make_problem(kind, 4, 3, 5, 21, device=device)
-    lengths = torch.tensor([4, 1, 3])
+    batch = 19 if persistent else 3
+    problem = make_problem(kind, 4, batch, 5, 21, device=device)
+    lengths = torch.arange(batch) % 4 + 1
     with backends.backend("triton"):
         values, grads = run(ops.recurrent_layer, kind, problem, lengths, True)
     ref_values, ref_grads = run(reference.recurrent_layer, kind, problem, lengths, True)
