@@ -498,6 +498,22 @@ def _bias_row(B_HH, g, H, cols, HAS_BIAS: tl.constexpr, ACC: tl.constexpr):
 
 
 @triton.jit
+def _program_tiles(LENGTHS, S, B, H, HAS_LENGTHS: tl.constexpr, BM: tl.constexpr, BH: tl.constexpr):
+    """A persistent program's rows (BM,) and hidden units (BH,), where both are in range (BM, BH), the (k, n)
+    indices of a W_hh gate tile and where they are in range, the offsets of its (BM, BH) tile in a (B, H) slab, and
+    its rows' lengths (S without lengths)."""
+    rows = tl.program_id(0) * BM + tl.arange(0, BM)
+    cols = tl.arange(0, BH)
+    kk, nn = cols[:, None], cols[None, :]
+    if HAS_LENGTHS:
+        length = tl.load(LENGTHS + rows, mask=rows < B, other=0)
+    else:
+        length = rows * 0 + S
+    inside = (rows[:, None] < B) & (cols[None, :] < H)
+    return rows, cols, inside, kk, nn, (kk < H) & (nn < H), rows[:, None] * H + cols[None, :], length
+
+
+@triton.jit
 def _sequence_forward(
     X, sx_t, sx_b, W_HH, B_HH, HSTATE, CSTATE, OUT, SAVED, LENGTHS, S, B, H,
     KIND: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LENGTHS: tl.constexpr, SAVE: tl.constexpr,
@@ -508,21 +524,11 @@ def _sequence_forward(
     HSTATE (S + 1, B, H), CSTATE, OUT, SAVED (S, B, 4H) contiguous, as the per-step loop fills them."""
     G: tl.constexpr = 4 if KIND == 0 else (3 if KIND == 1 else 1)
     STATE = HSTATE.dtype.element_ty
-    rows = tl.program_id(0) * BM + tl.arange(0, BM)
-    cols = tl.arange(0, BH)
-    inside = (rows[:, None] < B) & (cols[None, :] < H)
-    kk, nn = tl.arange(0, BH)[:, None], tl.arange(0, BH)[None, :]
-    wm = (kk < H) & (nn < H)
-    slab = rows[:, None] * H + cols[None, :]  # offsets in a (B, H) slab
-    gates = rows[:, None] * (G * H) + cols[None, :]  # offsets of gate 0 in a (B, G*H) slab
+    rows, cols, inside, kk, nn, wm, slab, length = _program_tiles(LENGTHS, S, B, H, HAS_LENGTHS, BM, BH)
     h = tl.load(HSTATE + S * REVERSE * B * H + slab, mask=inside, other=0.0).to(ACC)
     c = h
     if KIND == 0:
         c = tl.load(CSTATE + S * REVERSE * B * H + slab, mask=inside, other=0.0).to(ACC)
-    if HAS_LENGTHS:
-        length = tl.load(LENGTHS + rows, mask=rows < B, other=0)
-    else:
-        length = rows * 0 + S
     for k in range(S):
         t = S - 1 - k if REVERSE else k
         after = t + 1 - REVERSE
@@ -567,21 +573,12 @@ def _sequence_backward(
     overwritten with those of h0 and c0; D_HH (S, B, G*H) and, for the GRU, D_X as the per-step loop fills them."""
     G: tl.constexpr = 4 if KIND == 0 else (3 if KIND == 1 else 1)
     STATE = HSTATE.dtype.element_ty
-    rows = tl.program_id(0) * BM + tl.arange(0, BM)
-    cols = tl.arange(0, BH)
-    inside = (rows[:, None] < B) & (cols[None, :] < H)
-    kk, nn = tl.arange(0, BH)[:, None], tl.arange(0, BH)[None, :]
-    wm = (kk < H) & (nn < H)
-    slab = rows[:, None] * H + cols[None, :]
-    gates = rows[:, None] * (G * H) + cols[None, :]
+    rows, cols, inside, kk, nn, wm, slab, length = _program_tiles(LENGTHS, S, B, H, HAS_LENGTHS, BM, BH)
+    gates = rows[:, None] * (G * H) + cols[None, :]  # offsets of gate 0 in a (B, G*H) slab
     dh = tl.load(DH + slab, mask=inside, other=0.0).to(ACC)
     dc = dh
     if KIND == 0:
         dc = tl.load(DC + slab, mask=inside, other=0.0).to(ACC)
-    if HAS_LENGTHS:
-        length = tl.load(LENGTHS + rows, mask=rows < B, other=0)
-    else:
-        length = rows * 0 + S
     for k in range(S):
         t = k if REVERSE else S - 1 - k
         before, after = t + REVERSE, t + 1 - REVERSE
