@@ -7,7 +7,8 @@ One layer, one direction, x (seq, batch, input) not batch first, h_0 = c_0 = 0. 
 
 - ``lstm``, ``gru``, ``rnn_tanh``: providers ``torch`` (torch.nn.LSTM / GRU / RNN, eager), ``torch.compile``
   (that module compiled), ``eager-loop`` (torch.nn.LSTMCell / GRUCell / RNNCell called step by step in a Python
-  loop) and ``fastattn`` (the drop-in module, default backend choice);
+  loop), ``fastattn`` (the drop-in module, default backend choice: on a GPU the Triton kernels) and, on a GPU,
+  ``fastattn-cuda`` (the same module on the CUDA C++ kernels);
 - ``layernorm_lstm``: torch.nn has no LayerNorm-LSTM, so ``torch`` is the eager Python loop below
   (:class:`LoopLayerNormLSTM`, a cell with ``F.layer_norm`` per step: the baseline of the issue's 5x target),
   ``torch.compile`` that loop compiled (at the standard shape only: it compiles for minutes), and ``fastattn`` is
@@ -288,7 +289,10 @@ def providers(name: str, mode: str, shape, dtype, device, quick: bool) -> Iterat
         cell = make("cell")
         yield provider("eager-loop", cell, functools.partial(cell_loop, cell))
     module = make("fastattn")
-    yield provider("fastattn", module, output_of(module))
+    yield provider("fastattn", module, output_of(module))  # on a GPU: the Triton kernels (fastattn's first choice)
+    if device.type == "cuda":
+        module = make("fastattn")
+        yield provider("fastattn-cuda", module, output_of(module), context=lambda: fastattn.backend("cuda"))
 
 
 # ---------------------------------------------------------------------------------------------------------
