@@ -41,7 +41,7 @@ class _Recurrent:
 
     def _unfused_reason(self, x: Tensor) -> str | None:
         """Why no fused kernel runs x here (then torch.nn's forward does), or None."""
-        return unfused_reason(x, self._kind(), self.proj_size > 0)
+        return unfused_reason(x, self._kind(), self.proj_size > 0, self.hidden_size)
 
     def _has_cell(self) -> bool:
         return isinstance(self, torch.nn.LSTM)

@@ -46,9 +46,23 @@ def _dtype_check(x: Tensor, *_) -> Optional[str]:
     return None if x.dtype in FLOAT_DTYPES else f"dtype {x.dtype} is not one of {FLOAT_DTYPES}"
 
 
+def _triton_check(x: Tensor, kind: str, projected: bool, hidden: int) -> Optional[str]:
+    """On a GPU, unless forced, Triton takes only the layers its persistent kernels run (every step in one launch):
+    its per-step loop pays a Python launch per step, where the CUDA C++ loop pays a C++ one."""
+    reason = _dtype_check(x)
+    if reason is not None or x.device.type != "cuda" or backends.forced() is not None:
+        return reason
+    from fastattn.triton_kernels import recurrent as kernels  # noqa: PLC0415
+
+    if kernels.persistent(KIND_IDS[kind], hidden, projected):
+        return None
+    return (f"the persistent Triton kernels take LSTM/GRU/RNN layers up to hidden {kernels.PERSISTENT_MAX_HIDDEN} "
+            "without a projection; the per-step loop runs only when the triton backend is forced")  # fmt: skip
+
+
 CHECKS = {
     "cuda": _dtype_check,
-    "triton": _dtype_check,
+    "triton": _triton_check,
     "cpu": _dtype_check,
     "reference": lambda *_: None,
 }
@@ -249,7 +263,7 @@ def _input_projection(x: Tensor, w: Tensor, b: Optional[Tensor]) -> Tensor:
 # ---------------------------------------------------------------------------------------------------------
 
 
-def unfused_reason(x: Tensor, kind: str, projected: bool = False) -> Optional[str]:
+def unfused_reason(x: Tensor, kind: str, projected: bool, hidden: int) -> Optional[str]:
     """None when a fused kernel would run this layer on x's device (or a backend is forced), else why each fused
     backend cannot: the drop-in modules then run torch.nn's own code (cuDNN, oneDNN) rather than the reference."""
     if backends.forced() is not None:
@@ -260,7 +274,7 @@ def unfused_reason(x: Tensor, kind: str, projected: bool = False) -> Optional[st
             break
         reason = backends.unavailable_reason(name, x.device)
         if reason is None:
-            reason = CHECKS[name](x, kind, projected) if name in CHECKS else f"no {name} recurrent kernel"
+            reason = CHECKS[name](x, kind, projected, hidden) if name in CHECKS else f"no {name} recurrent kernel"
         if reason is None:
             return None
         reasons.append(f"{name}: {reason}")
@@ -284,7 +298,8 @@ def recurrent_layer(
     if kind not in KINDS:
         raise ValueError(f"fastattn.recurrent_layer: kind must be one of {sorted(KINDS)}, got {kind!r}")
     w = {key: weights.get(key) for key in reference.RECURRENT_PARAMS}
-    name = backends.select("recurrent", x.device, CHECKS, x, kind, w["weight_hr"] is not None)
+    hidden = w["weight_hh"].shape[0] // reference.RECURRENT_GATES[kind]
+    name = backends.select("recurrent", x.device, CHECKS, x, kind, w["weight_hr"] is not None, hidden)
     if name == "reference" or x.shape[0] == 0:
         return reference.recurrent_layer(kind, x, h0, c0, weights, lengths, reverse, eps)
     if lengths is not None:

@@ -642,7 +642,7 @@ def _or(t: Optional[Tensor], dummy: Tensor) -> Tensor:
     return dummy if t is None else t
 
 
-def _persistent(kind: int, hidden: int, project: bool) -> bool:
+def persistent(kind: int, hidden: int, project: bool) -> bool:
     """Whether a layer runs on the persistent kernels (every step in one launch)."""
     return kind in (LSTM, GRU, RNN_TANH, RNN_RELU) and not project and hidden <= PERSISTENT_MAX_HIDDEN
 
@@ -701,7 +701,7 @@ def recurrent_forward(
     h_pre = x_proj.new_empty(batch, hidden) if project else None
     b = None if b_hh is None else b_hh.contiguous()
     norms = [None if n is None else n.contiguous() for n in (norm_hh_weight, norm_hh_bias, norm_c_weight, norm_c_bias)]
-    if _persistent(kind, hidden, project):
+    if persistent(kind, hidden, project):
         grid, meta = _persistent_args(batch, hidden, x_proj.dtype)
         _sequence_forward[grid](
             x_proj, x_proj.stride(0), x_proj.stride(1), w_hh.contiguous(), _or(b, hh), hstate,
@@ -791,7 +791,7 @@ def recurrent_backward(
     d_hp = grad_out.new_zeros(seq, batch, proj) if project else None
     norm_hh_weight, norm_c_weight, norm_c_bias = (None if n is None else n.contiguous()
                                                   for n in (norm_hh_weight, norm_c_weight, norm_c_bias))  # fmt: skip
-    if _persistent(kind, hidden, project):
+    if persistent(kind, hidden, project):
         grid, meta = _persistent_args(batch, hidden, dtype)
         _sequence_backward[grid](
             grad_out, grad_out.stride(0), grad_out.stride(1), dh, _or(dc, dh), w_hh.contiguous(), hstate,

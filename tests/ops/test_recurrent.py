@@ -2,6 +2,8 @@
 references of fastattn.reference: values and gradients for each kind, lengths (packed sequences), both directions,
 the LSTM projection, odd sizes, low precision by the error-ratio rule, opcheck and torch.compile."""
 
+import types
+
 import pytest
 import torch
 
@@ -145,6 +147,19 @@ def test_triton_blocks_and_programs(kind, persistent, monkeypatch):
     for ours, truth in zip(values + grads, ref_values + ref_grads, strict=True):
         if truth is not None:
             assert_near(ours, truth, 1e-11)
+
+
+def test_on_a_gpu_triton_takes_only_the_persistent_layers():
+    """On CUDA tensors the default choice leaves the per-step loop to the CUDA C++ backend (a C++ launch per step,
+    not a Python one); forced, Triton takes every layer. (The check only reads x's dtype and device.)"""
+    gpu_x = types.SimpleNamespace(dtype=torch.float32, device=torch.device("cuda"))
+    check = ops.CHECKS["triton"]
+    assert check(gpu_x, "lstm", False, 64) is None and check(gpu_x, "rnn_relu", False, 1) is None
+    for kind, projected, hidden in (("lstm", False, 65), ("lstm", True, 32), ("layernorm_lstm", False, 32)):
+        assert "persistent" in check(gpu_x, kind, projected, hidden)
+    with backends.backend("triton"):
+        assert check(gpu_x, "layernorm_lstm", True, 512) is None
+    assert check(types.SimpleNamespace(dtype=torch.int32, device=torch.device("cuda")), "gru", False, 8) is not None
 
 
 @pytest.mark.parametrize("kind", ["lstm", "gru"])
