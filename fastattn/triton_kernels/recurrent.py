@@ -238,7 +238,7 @@ def _ln_gate(
     return pre, hat
 
 
-@triton.jit(do_not_specialize=STEP_ARGS)
+@triton.jit(do_not_specialize=[*STEP_ARGS, "eps_bits"])  # eps as bits (triton_kernels/scalars.py)
 def _layernorm_lstm_forward(
     X, x_stride, HH, B_HH, NHW, NHB, NCW, NCB, H_PREV, C_PREV, C_NEW, H_NEW, OUT, out_stride, SAVED, LENGTHS,
     step, H, eps_bits,
