@@ -3,12 +3,14 @@ and backward, and the time loops that run them: the Python twin of csrc/recurren
 the fastattn_C ``recurrent_forward`` / ``recurrent_backward`` ops, so that fastattn.ops.recurrent's autograd serves
 both.
 
-Each step is one torch matmul (``h_prev W_hh^T``; in the backward ``d_hh W_hh``) and one Triton launch. The cell
+Small LSTM, GRU and RNN layers (``persistent``) run every step in one launch of a persistent kernel per
+direction and pass; the others run a step as one torch matmul (``h_prev W_hh^T``; in the backward ``d_hh W_hh``)
+and one Triton launch: for the plain kinds one program per (row, block of hidden units), for the LayerNorm-LSTM,
+whose norms reduce over a row (4H for LN_hh, H for LN_c), one program per row looping over it in blocks. The cell
 math, the saved values and the rows that are not live (``lengths``) are those of csrc/recurrent.h and
 csrc/cpu/recurrent_kernel.cpp: the state of such a row carries over, its output is 0, its gradients pass through.
-The plain kinds run one program per (row, block of hidden units); the LayerNorm-LSTM, whose norms reduce over a
-row (4H for LN_hh, H for LN_c), one program per row that loops over it in blocks. Arithmetic in float32 (float64
-for float64 inputs); tanh is written with ``tl.exp`` (the interpreter has no libdevice).
+Arithmetic in float32 (float64 for float64 inputs); tanh is written with ``tl.exp`` (the interpreter has no
+libdevice).
 """
 
 from __future__ import annotations
@@ -513,7 +515,7 @@ def _program_tiles(LENGTHS, S, B, H, HAS_LENGTHS: tl.constexpr, BM: tl.constexpr
     return rows, cols, inside, kk, nn, (kk < H) & (nn < H), rows[:, None] * H + cols[None, :], length
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["S"])  # one compilation for every sequence length
 def _sequence_forward(
     X, sx_t, sx_b, W_HH, B_HH, HSTATE, CSTATE, OUT, SAVED, LENGTHS, S, B, H,
     KIND: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LENGTHS: tl.constexpr, SAVE: tl.constexpr,
@@ -562,7 +564,7 @@ def _sequence_forward(
             tl.store(sv + 3 * H, tl.where(live, s3, 0.0), mask=inside)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["S"])  # one compilation for every sequence length
 def _sequence_backward(
     GRAD_OUT, sg_t, sg_b, DH, DC, W_HH, HSTATE, CSTATE, SAVED, LENGTHS, D_HH, D_X, S, B, H,
     KIND: tl.constexpr, HAS_LENGTHS: tl.constexpr, REVERSE: tl.constexpr, ACC: tl.constexpr, BM: tl.constexpr,
@@ -706,9 +708,8 @@ def recurrent_forward(
         _sequence_forward[grid](
             x_proj, x_proj.stride(0), x_proj.stride(1), w_hh.contiguous(), _or(b, hh), hstate,
             cstate if lstm else hstate, out, saved if saved.numel() else hstate, _or(lengths, hh), seq, batch, hidden,
-            KIND=kind,
-            HAS_BIAS=b is not None, HAS_LENGTHS=lengths is not None, SAVE=saved.numel() > 0, REVERSE=int(reverse),
-            **meta,
+            KIND=kind, HAS_BIAS=b is not None, HAS_LENGTHS=lengths is not None, SAVE=saved.numel() > 0,
+            REVERSE=int(reverse), **meta,
         )  # fmt: skip
         return out, hstate, cstate, saved
     block = _block(hidden)
