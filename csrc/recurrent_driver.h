@@ -211,8 +211,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const int64_t GH = w_hh.size(0), H = GH / recurrent_gates(kind), rev = reverse ? 1 : 0;
   TORCH_CHECK(grad_out.stride(2) == 1 && hstate.sizes() == at::IntArrayRef({S + 1, B, P}) && hstate.is_contiguous(),
               "recurrent_backward: grad_out (S, B, P) with unit stride over P and hstate (S + 1, B, P) contiguous");
-  TORCH_CHECK(saved.size(0) == S || recurrent_saved_width(kind, H) == 0,
+  const int64_t width = recurrent_saved_width(kind, H);
+  TORCH_CHECK(width == 0 || (saved.dim() == 3 && saved.size(0) == S),
               "recurrent_backward: the forward did not save its activations (save=False)");
+  // The kernels read these by the forward's shapes.
+  TORCH_CHECK(width == 0 || (saved.sizes() == at::IntArrayRef({S, B, width}) && saved.is_contiguous()),
+              "recurrent_backward: saved must be contiguous (S, B, W) = (", S, ", ", B, ", ", width, "), got ",
+              saved.sizes());
+  TORCH_CHECK(!lstm || (cstate.sizes() == at::IntArrayRef({S + 1, B, H}) && cstate.is_contiguous()),
+              "recurrent_backward: cstate must be contiguous (S + 1, B, H) = (", S + 1, ", ", B, ", ", H, "), got ",
+              cstate.sizes());
+  if (lengths.has_value() && lengths->defined()) {
+    TORCH_CHECK(lengths->scalar_type() == at::kLong && lengths->dim() == 1 && lengths->size(0) == B &&
+                lengths->is_contiguous() && lengths->device() == grad_out.device(),
+                "recurrent_backward: lengths must be a contiguous (B,) = (", B, ",) int64 tensor on grad_out's device");
+  }
   const auto opts = grad_out.options();
   const auto compute = recurrent_compute_type(grad_out);
   auto d_hh = at::empty({S, B, GH}, opts);

@@ -85,22 +85,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   check_beside(w_hr, grad_out, dtype, kBackward, "w_hr");
   check_beside(hstate, grad_out, dtype, kBackward, "hstate");
   TORCH_CHECK(grad_out.dim() == 3 && w_hh.dim() == 2, kBackward, ": grad_out must be (S, B, P) and w_hh (G*H, P)");
-  const int64_t S = grad_out.size(0), B = grad_out.size(1), H = w_hh.size(0) / recurrent_gates(k);
   check_beside(lengths, grad_out, at::kLong, kBackward, "lengths");
-  TORCH_CHECK(!data_or_null(lengths) || (lengths->dim() == 1 && lengths->size(0) == B && lengths->is_contiguous()),
-              kBackward, ": lengths must be a contiguous (B,) = (", B, ",) int64 tensor");
-  // The kernels read these in the compute type, by the forward's shapes.
-  const int64_t width = recurrent_saved_width(k, H);
-  if (recurrent_has_cell(k)) {
-    check_beside(cstate, grad_out, compute, kBackward, "cstate");
-    TORCH_CHECK(cstate.sizes() == at::IntArrayRef({S + 1, B, H}) && cstate.is_contiguous(), kBackward,
-                ": cstate must be contiguous (S + 1, B, H) = (", S + 1, ", ", B, ", ", H, "), got ", cstate.sizes());
-  }
-  if (width > 0 && saved.numel() > 0) {
-    check_beside(saved, grad_out, compute, kBackward, "saved");
-    TORCH_CHECK(saved.sizes() == at::IntArrayRef({S, B, width}) && saved.is_contiguous(), kBackward,
-                ": saved must be contiguous (S, B, W) = (", S, ", ", B, ", ", width, "), got ", saved.sizes());
-  }
+  // The kernels read these in the compute type (their shapes: recurrent_backward_loop).
+  if (recurrent_has_cell(k)) check_beside(cstate, grad_out, compute, kBackward, "cstate");
+  if (saved.numel() > 0) check_beside(saved, grad_out, compute, kBackward, "saved");
   const c10::cuda::CUDAGuard guard(grad_out.device());
   const auto norms = cell_norms(norm_hh_weight, norm_hh_bias, norm_c_weight, norm_c_bias, w_hh.size(0) / 4, grad_out);
   return recurrent_backward_loop(kind, grad_out, grad_h_n, grad_c_n, w_hh, w_hr, hstate, cstate, saved, lengths,

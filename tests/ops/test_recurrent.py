@@ -281,6 +281,28 @@ def test_layernorm_lstm_without_some_affine_parameters(absent):
         assert_near(ours, truth, 1e-11)
 
 
+def test_backward_checks_what_the_kernels_read():
+    """The driver's backward (CPU and CUDA) refuses saved activations, cell states or lengths of the wrong shape
+    rather than reading past them."""
+    x, h0, c0, weights = make_problem("lstm", 3, 2, 4, 5)
+    x_proj = torch.nn.functional.linear(x, weights["weight_ih"]).detach()
+    args = (0, x_proj, h0.detach(), c0.detach(), weights["weight_hh"].detach(), None, None, None, False, True)
+    out, hstate, cstate, saved = torch.ops.fastattn_C.recurrent_forward(*args, *NO_NORMS)
+    w_hh = weights["weight_hh"].detach()
+
+    def backward(cstate=cstate, saved=saved, lengths=None):
+        return torch.ops.fastattn_C.recurrent_backward(0, torch.ones_like(out), None, None, w_hh, None, hstate,
+                                                      cstate, saved, lengths, False, None, None, None, None)  # fmt: skip
+
+    backward()  # the forward's own outputs pass
+    with pytest.raises(RuntimeError, match="saved must be contiguous"):
+        backward(saved=saved[:, :, :-1])
+    with pytest.raises(RuntimeError, match="cstate must be contiguous"):
+        backward(cstate=cstate[:-1])
+    with pytest.raises(RuntimeError, match="lengths must be"):
+        backward(lengths=torch.tensor([3, 2, 1]))
+
+
 def test_bad_kind():
     x, h0, c0, weights = make_problem("lstm", 2, 1, 3, 4)
     with pytest.raises(ValueError, match="kind"):
