@@ -713,13 +713,13 @@ def recurrent_forward(
         )  # fmt: skip
         return out, hstate, cstate, saved
     block = _block(hidden)
+    fixed = dict(x_stride=x_proj.stride(1), out_stride=proj, H=hidden, HAS_BIAS=b is not None,
+                 HAS_LENGTHS=lengths is not None, PROJECT=project, SAVE=saved.numel() > 0, ACC=acc, BLOCK=block,
+                 RNE=_emulate_rounding(x_proj.dtype))  # fmt: skip
     for t, before, after in _steps(seq, reverse):
         h_prev = hstate[before]
         torch.mm(h_prev, w_hh.t(), out=hh)
-        common = dict(x_stride=x_proj.stride(1), out_stride=proj, step=t, H=hidden, HAS_BIAS=b is not None,
-                      HAS_LENGTHS=lengths is not None, PROJECT=project, SAVE=saved.numel() > 0, ACC=acc,
-                      BLOCK=block,
-                      RNE=_emulate_rounding(x_proj.dtype))  # fmt: skip
+        common = dict(fixed, step=t)
         c_prev, c_new = (cstate[before], cstate[after]) if lstm else (hh, hh)
         h_new = h_pre if project else hstate[after]
         saved_t = saved[t] if saved.numel() else hh
@@ -800,8 +800,10 @@ def recurrent_backward(
             hidden, KIND=kind, HAS_LENGTHS=lengths is not None, REVERSE=int(reverse), **meta,
         )  # fmt: skip
     else:
-        block = _block(hidden)
         passed = grad_out.new_empty(batch, proj)
+        fixed = dict(grad_out_stride=grad_out.stride(1), d_x_stride=width, DH_PASS=passed,
+                     LENGTHS=_or(lengths, passed), H=hidden, HAS_GRAD_OUT=not project, HAS_LENGTHS=lengths is not None,
+                     HAS_PASS=not project, ACC=acc, BLOCK=_block(hidden), RNE=_emulate_rounding(dtype))  # fmt: skip
         for t, before, after in reversed(list(_steps(seq, reverse))):
             live = None if lengths is None else lengths.gt(t).unsqueeze(1)
             dh_cell = dh
@@ -812,12 +814,9 @@ def recurrent_backward(
                 d_hp[t].copy_(dh_total if live is None else dh_total * live)
                 dh = dh_total
                 dh_cell = torch.mm(dh_total, w_hr)
-            common = dict(GRAD_OUT=grad_out[t], grad_out_stride=grad_out.stride(1), DH=dh_cell,
-                          DC=_or(dc, dh), DC_PREV=_or(dc, dh), SAVED=saved[t] if saved.numel() else dh,
-                          C_PREV=cstate[before] if lstm else dh, D_HH=d_hh[t], D_X=d_x[t], d_x_stride=width,
-                          DH_PASS=passed, LENGTHS=_or(lengths, dh), step=t, H=hidden, HAS_GRAD_OUT=not project,
-                          HAS_LENGTHS=lengths is not None, HAS_PASS=not project, ACC=acc, BLOCK=block,
-                          RNE=_emulate_rounding(dtype))  # fmt: skip
+            common = dict(fixed, GRAD_OUT=grad_out[t], DH=dh_cell, DC=_or(dc, dh), DC_PREV=_or(dc, dh),
+                          SAVED=saved[t] if saved.numel() else dh, C_PREV=cstate[before] if lstm else dh,
+                          D_HH=d_hh[t], D_X=d_x[t], step=t)  # fmt: skip
             if layernorm:
                 _layernorm_lstm_backward[(batch,)](
                     NHW=_or(norm_hh_weight, dh), NCW=_or(norm_c_weight, dh), NCB=_or(norm_c_bias, dh), D_CN=d_cn[t],
@@ -825,7 +824,7 @@ def recurrent_backward(
                     HAS_NCB=norm_c_bias is not None, **common,
                 )  # fmt: skip
             else:
-                _cell_backward[(batch, triton.cdiv(hidden, block))](
+                _cell_backward[(batch, triton.cdiv(hidden, fixed["BLOCK"]))](
                     C_NEW=cstate[after] if lstm else dh, H_PREV=hstate[before], H_NEW=hstate[after], KIND=kind,
                     **common,
                 )  # fmt: skip
