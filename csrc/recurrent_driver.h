@@ -14,6 +14,7 @@
 #pragma once
 #include <ATen/ATen.h>
 
+#include <algorithm>
 #include <tuple>
 #include <vector>
 
@@ -61,7 +62,7 @@ inline CellNormTensors cell_norms(const std::optional<at::Tensor>& hh_weight, co
           contiguous_or_none(c_bias, hidden, like, "norm_c_bias")};
 }
 
-// The per-step matmuls on plain ATen: y = x w^T (+ add), w (N, K) as given.
+// The per-step matmuls on plain ATen: y = x w^T (+ add: (M, N), or a bias (N,)), w (N, K) as given.
 struct AtenStepLinear {
   at::Tensor prepare(const at::Tensor& w, int64_t /*batch*/) const { return w; }
   at::Tensor linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& add, at::Tensor& buffer) const {
@@ -107,18 +108,31 @@ inline RecurrentShape recurrent_shape(int64_t kind_id, const at::Tensor& x_proj,
   return s;
 }
 
-// (out (S, B, P), hstate (S + 1, B, P), cstate (S + 1, B, H) or empty, saved (S, B, W) or empty).
+// The forward's step weights, w_hh and w_hr (or undefined), as Cells::prepare makes them for `batch` rows.
+struct StepWeights {
+  at::Tensor w_hh, w_hr;
+};
+
+template <class Cells>
+StepWeights prepare_step_weights(const Cells& cells, const at::Tensor& w_hh, const std::optional<at::Tensor>& w_hr,
+                                 int64_t batch) {
+  return {cells.prepare(w_hh, batch), data_or_null(w_hr) ? cells.prepare(*w_hr, batch) : at::Tensor()};
+}
+
+// (out (S, B, P), hstate (S + 1, B, P), cstate (S + 1, B, H) or empty, saved (S, B, W) or empty). `prepared`, when
+// given, holds the step weights already prepared; `out_into`, when defined, is the contiguous (S, B, P) out to write.
 template <class Cells>
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> recurrent_forward_loop(
     int64_t kind_id, const at::Tensor& x_proj, const at::Tensor& h0, const std::optional<at::Tensor>& c0,
     const at::Tensor& w_hh, const std::optional<at::Tensor>& b_hh, const std::optional<at::Tensor>& w_hr,
     const std::optional<at::Tensor>& lengths, bool reverse, bool save, const CellNormTensors& norms, double eps,
-    const Cells& cells) {
+    const Cells& cells, const StepWeights* prepared = nullptr, const at::Tensor& out_into = at::Tensor()) {
   const RecurrentShape s = recurrent_shape(kind_id, x_proj, w_hh, w_hr, lengths);
   const bool lstm = recurrent_has_cell(s.kind), project = data_or_null(w_hr) != nullptr;
   const auto compute = recurrent_compute_type(x_proj);
   const int64_t S = s.seq, B = s.batch, H = s.hidden, P = s.proj, GH = s.gates * H, rev = reverse ? 1 : 0;
-  auto out = at::empty({S, B, P}, x_proj.options());
+  auto out = out_into.defined() ? out_into : at::empty({S, B, P}, x_proj.options());
+  TORCH_INTERNAL_ASSERT(out.sizes() == at::IntArrayRef({S, B, P}) && out.is_contiguous());
   auto hstate = at::empty({S + 1, B, P}, x_proj.options());
   hstate[S * rev].copy_(h0);
   at::Tensor cstate = at::empty({0}, x_proj.options().dtype(compute));
@@ -132,8 +146,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> recurrent_forward_loo
   auto h_pre = project ? at::empty({B, H}, x_proj.options()) : at::Tensor();
   auto hh_buffer = at::empty({B, GH}, x_proj.options());
   auto hr_buffer = project ? at::empty({B, P}, x_proj.options()) : at::Tensor();
-  const auto w_hh_p = cells.prepare(w_hh, B);
-  const auto w_hr_p = project ? cells.prepare(*w_hr, B) : at::Tensor();
+  const StepWeights weights = prepared != nullptr ? *prepared : prepare_step_weights(cells, w_hh, w_hr, B);
+  const at::Tensor &w_hh_p = weights.w_hh, &w_hr_p = weights.w_hr;
   at::Tensor b = b_hh.has_value() && b_hh->defined() ? b_hh->contiguous() : at::Tensor();
   const int64_t* len = lengths.has_value() && lengths->defined() ? lengths->data_ptr<int64_t>() : nullptr;
   for (int64_t k = 0; k < S; ++k) {
@@ -174,6 +188,51 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> recurrent_forward_loo
     }
   }
   return {out, hstate, cstate, saved};
+}
+
+// Inference (nothing saved) of the kinds without cell norms on x (S, B, I), in chunks of `chunk` steps: per chunk one
+// matmul for its input projections x W_ih^T + b_ih (in a buffer the chunks share, so that no fresh S x B x G*H
+// buffer is paged in), then its steps, written into the one output. The weights are prepared once per call.
+// Returns (out (S, B, P), h_n (B, P), c_n (B, H) or empty), in x's dtype.
+template <class Cells>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> recurrent_inference_loop(
+    int64_t kind_id, const at::Tensor& x, const at::Tensor& w_ih, const std::optional<at::Tensor>& b_ih,
+    const at::Tensor& h0, const std::optional<at::Tensor>& c0, const at::Tensor& w_hh,
+    const std::optional<at::Tensor>& b_hh, const std::optional<at::Tensor>& w_hr,
+    const std::optional<at::Tensor>& lengths, bool reverse, int64_t chunk, const Cells& cells) {
+  const RecurrentKind kind = recurrent_kind_of(kind_id);
+  TORCH_CHECK(kind != RecurrentKind::kLayerNormLstm, "recurrent_inference: the LayerNorm-LSTM normalises its input "
+              "projection: run recurrent_forward on LN_ih(x W_ih^T)");
+  TORCH_CHECK(x.dim() == 3 && w_ih.dim() == 2 && w_ih.size(1) == x.size(2) && w_ih.size(0) == w_hh.size(0),
+              "recurrent_inference: x must be (S, B, I) and w_ih (G*H, I) with w_hh's G*H, got x ", x.sizes(),
+              ", w_ih ", w_ih.sizes(), ", w_hh ", w_hh.sizes());
+  TORCH_CHECK(w_ih.scalar_type() == x.scalar_type() && w_ih.device() == x.device(),
+              "recurrent_inference: w_ih must have x's dtype and device");
+  TORCH_CHECK(chunk >= 1, "recurrent_inference: chunk must be at least 1 step, got ", chunk);
+  const int64_t S = x.size(0), B = x.size(1), I = x.size(2), GH = w_hh.size(0), rows = std::min(chunk, S) * B;
+  const bool lstm = recurrent_has_cell(kind);
+  auto out = at::empty({S, B, w_hh.size(1)}, x.options());
+  const StepWeights weights = prepare_step_weights(cells, w_hh, w_hr, B);
+  const at::Tensor w_ih_p = cells.prepare(w_ih, rows);
+  const at::Tensor bias = data_or_null(b_ih) ? b_ih->contiguous() : at::Tensor();
+  auto proj_buffer = at::empty({rows, GH}, x.options());
+  at::Tensor h = h0;
+  std::optional<at::Tensor> c = c0;
+  const int64_t chunks = S == 0 ? 0 : (S - 1) / chunk + 1;
+  for (int64_t i = 0; i < chunks; ++i) {
+    const int64_t begin = (reverse ? chunks - 1 - i : i) * chunk, n = std::min(chunk, S - begin);
+    at::Tensor buffer = proj_buffer.narrow(0, 0, n * B);
+    const at::Tensor x_proj = cells.linear(x.narrow(0, begin, n).reshape({n * B, I}), w_ih_p, bias, buffer);
+    std::optional<at::Tensor> live;
+    if (lengths.has_value() && lengths->defined()) live = (*lengths - begin).clamp_min(0);
+    const auto [o, hstate, cstate, saved] =
+        recurrent_forward_loop(kind_id, x_proj.view({n, B, GH}), h, c, w_hh, b_hh, w_hr, live, reverse, false,
+                               CellNormTensors{}, 0.0, cells, &weights, out.narrow(0, begin, n));
+    const int64_t last = reverse ? 0 : n;
+    h = hstate[last];
+    if (lstm) c = cstate[last];
+  }
+  return {out, h.clone(), lstm ? c->to(x.scalar_type(), false, true) : at::empty({0}, x.options())};
 }
 
 // The LayerNorm-LSTM's norm gradients (10H,) in the compute type: LN_hh's weight and bias, LN_c's weight and bias,
@@ -231,7 +290,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   auto d_hh = at::empty({S, B, GH}, opts);
   auto d_x = own_d_x ? at::empty({S, B, GH}, opts) : d_hh;
   auto d_cn = layernorm ? at::empty({S, B, H}, opts.dtype(compute)) : at::Tensor();
-  auto dh = data_or_null(grad_h_n) ? grad_h_n->to(grad_out.scalar_type()).contiguous().clone() : at::zeros({B, P}, opts);
+  auto dh = data_or_null(grad_h_n) ? grad_h_n->to(grad_out.scalar_type()).contiguous().clone()
+                                    : at::zeros({B, P}, opts);
   at::Tensor dc;
   if (lstm) {
     dc = data_or_null(grad_c_n) ? grad_c_n->to(compute).contiguous().clone() : at::zeros({B, H}, opts.dtype(compute));

@@ -2,7 +2,8 @@
 // csrc/recurrent_driver.h with the pointwise cells of csrc/cpu/recurrent_kernel.cpp, each step's rows split over
 // at::parallel_for. Large float32 steps multiply through oneDNN with the weight prepacked once per call (ATen's
 // own mkldnn::_reorder_linear_weight and _linear_pointwise ops, about 1.6x MKL's sgemm at LSTM step shapes);
-// small steps, other dtypes, and torch builds without oneDNN use ATen's mm.
+// small steps, other dtypes, and torch builds without oneDNN use ATen's mm. recurrent_inference chunks the steps
+// of large inference and adds the input projections the same way.
 #include <ATen/Parallel.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
@@ -28,9 +29,11 @@ class OneDnnLinear {
     return ops.has_value() ? &*ops : nullptr;
   }
   at::Tensor prepack(const at::Tensor& w, int64_t batch) const { return reorder_.call(w, batch); }
+  // x w^T + add, add (M, N), a bias (N,) or undefined.
   at::Tensor linear(const at::Tensor& x, const at::Tensor& w_packed, const at::Tensor& add) const {
-    if (add.defined()) return linear_add_.call(x, add, w_packed, std::nullopt, "add");
-    return linear_.call(x, w_packed, std::nullopt, "none", c10::List<std::optional<at::Scalar>>(), std::nullopt);
+    if (add.defined() && add.dim() == 2) return linear_add_.call(x, add, w_packed, std::nullopt, "add");
+    const auto bias = add.defined() ? std::optional<at::Tensor>(add) : std::nullopt;
+    return linear_.call(x, w_packed, bias, "none", c10::List<std::optional<at::Scalar>>(), std::nullopt);
   }
 
  private:
@@ -105,10 +108,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
                                  reverse, norms, CpuCells{});
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor> recurrent_inference_cpu(
+    int64_t kind, const at::Tensor& x, const at::Tensor& w_ih, const std::optional<at::Tensor>& b_ih,
+    const at::Tensor& h0, const std::optional<at::Tensor>& c0, const at::Tensor& w_hh,
+    const std::optional<at::Tensor>& b_hh, const std::optional<at::Tensor>& w_hr,
+    const std::optional<at::Tensor>& lengths, bool reverse, int64_t chunk) {
+  return recurrent_inference_loop(kind, x, w_ih, b_ih, h0, c0, w_hh, b_hh, w_hr, lengths, reverse, chunk,
+                                  CpuCells{});
+}
+
 }  // namespace
 }  // namespace fastattn
 
 TORCH_LIBRARY_IMPL(fastattn_C, CPU, m) {
+  m.impl("recurrent_inference", &fastattn::recurrent_inference_cpu);
   m.impl("recurrent_forward", &fastattn::recurrent_forward_cpu);
   m.impl("recurrent_backward", &fastattn::recurrent_backward_cpu);
 }

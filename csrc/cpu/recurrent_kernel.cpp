@@ -105,21 +105,40 @@ FASTATTN_INLINE void affine_sum(const C* __restrict x, const C* __restrict hat, 
   }
 }
 
-// The LSTM cell on one row's gate pre-activations pre (4H): the activated gates i, f, g, o into gates (4H), c' into
-// c_new and, when kWithH, h' = s(o) tanh(c') into h. One branch-free loop, so that it vectorises.
-template <bool kWithH, class C>
-FASTATTN_INLINE void lstm_cell_row(const C* __restrict pre, const C* __restrict c_prev, int64_t H, C* __restrict gates,
+// The LSTM cell on one row: pre(k) is gate pre-activation k < 4H (gates i, f, g, o). c' goes to c_new, with kWithH
+// h' = s(o) tanh(c') to h, with kKeepGates the activated gates to gates (4H). One branch-free loop, so that it
+// vectorises.
+template <bool kWithH, bool kKeepGates, class C, class Pre>
+FASTATTN_INLINE void lstm_cell_row(const Pre& pre, const C* __restrict c_prev, int64_t H, C* __restrict gates,
                                    C* __restrict c_new, C* __restrict h) {
   for (int64_t j = 0; j < H; ++j) {
-    const C i = sigmoid_of(pre[j]), f = sigmoid_of(pre[H + j]), g = tanh_of(pre[2 * H + j]);
-    const C o = sigmoid_of(pre[3 * H + j]);
+    const C i = sigmoid_of(pre(j)), f = sigmoid_of(pre(H + j)), g = tanh_of(pre(2 * H + j));
+    const C o = sigmoid_of(pre(3 * H + j));
     const C c = f * c_prev[j] + i * g;
     c_new[j] = c;
     if constexpr (kWithH) h[j] = o * tanh_of(c);
-    gates[j] = i;
-    gates[H + j] = f;
-    gates[2 * H + j] = g;
-    gates[3 * H + j] = o;
+    if constexpr (kKeepGates) {
+      gates[j] = i;
+      gates[H + j] = f;
+      gates[2 * H + j] = g;
+      gates[3 * H + j] = o;
+    }
+  }
+}
+
+// The plain LSTM's cell on x + hh (+ b), gates kept when `gates` is not null.
+template <class C>
+FASTATTN_INLINE void lstm_row(const C* __restrict x, const C* __restrict hh, const C* __restrict b,
+                              const C* __restrict c_prev, int64_t H, C* __restrict gates, C* __restrict c_new,
+                              C* __restrict h) {
+  const auto with_b = [&](int64_t k) FASTATTN_INLINE_LAMBDA { return x[k] + hh[k] + b[k]; };
+  const auto without_b = [&](int64_t k) FASTATTN_INLINE_LAMBDA { return x[k] + hh[k]; };
+  if (gates != nullptr) {
+    b != nullptr ? lstm_cell_row<true, true>(with_b, c_prev, H, gates, c_new, h)
+                 : lstm_cell_row<true, true>(without_b, c_prev, H, gates, c_new, h);
+  } else {
+    b != nullptr ? lstm_cell_row<true, false>(with_b, c_prev, H, gates, c_new, h)
+                 : lstm_cell_row<true, false>(without_b, c_prev, H, gates, c_new, h);
   }
 }
 
@@ -154,7 +173,7 @@ FASTATTN_INLINE void forward_rows(const RecurrentStepForwardArgs& a, int64_t row
       continue;
     }
     C* saved = row<C>(a.saved, r, recurrent_saved_width(a.kind, H));
-    C* h = h_work.data();
+    C* h = std::is_same_v<T, C> ? reinterpret_cast<C*>(h_new) : h_work.data();  // h' straight into h_new
     const C* x = scratch.load(row<T>(a.x, r, a.x_stride), 0, GH);
     const C* hh = scratch.load(row<T>(a.hh, r, GH), 1, GH);
     if (layernorm) {  // pre = x + LN_hh(hh) + b
@@ -162,23 +181,21 @@ FASTATTN_INLINE void forward_rows(const RecurrentStepForwardArgs& a, int64_t row
       const C rstd = normalise(hh, GH, a.norms.eps, hh_hat);
       if (saved != nullptr) saved[2 * GH + H] = rstd;
       affine_sum(x, hh_hat, norms->hh_weight(), norms->hh_bias(), b, pre.data(), GH);
-    } else {
+    } else if (a.kind != RecurrentKind::kLstm) {
       sum3(x, hh, b, pre.data(), a.kind == RecurrentKind::kGru ? 2 * H : GH);
     }
-    if (lstm) {
+    if (a.kind == RecurrentKind::kLstm) {
+      lstm_row(x, hh, b, c_prev, H, saved, c_new, h);
+    } else if (layernorm) {
       C* gates = saved != nullptr ? saved : gates_work.data();
-      if (layernorm) {
-        lstm_cell_row<false>(pre.data(), c_prev, H, gates, c_new, h);
-      } else {
-        lstm_cell_row<true>(pre.data(), c_prev, H, gates, c_new, h);
-      }
-      if (layernorm) {  // h = o tanh(LN_c(c'))
-        C* c_hat = saved != nullptr ? saved + 2 * GH : c_hat_work.data();
-        const C rstd = normalise(c_new, H, a.norms.eps, c_hat);
-        if (saved != nullptr) saved[2 * GH + H + 1] = rstd;
-        const C *w = norms->c_weight(), *bias = norms->c_bias(), *o = gates + 3 * H;
-        for (int64_t j = 0; j < H; ++j) h[j] = o[j] * tanh_of(c_hat[j] * w[j] + bias[j]);
-      }
+      const C* p = pre.data();
+      lstm_cell_row<false, true>([p](int64_t k) FASTATTN_INLINE_LAMBDA { return p[k]; }, c_prev, H, gates, c_new, h);
+      // h = o tanh(LN_c(c'))
+      C* c_hat = saved != nullptr ? saved + 2 * GH : c_hat_work.data();
+      const C rstd = normalise(c_new, H, a.norms.eps, c_hat);
+      if (saved != nullptr) saved[2 * GH + H + 1] = rstd;
+      const C *w = norms->c_weight(), *bias = norms->c_bias(), *o = gates + 3 * H;
+      for (int64_t j = 0; j < H; ++j) h[j] = o[j] * tanh_of(c_hat[j] * w[j] + bias[j]);
     } else if (a.kind == RecurrentKind::kGru) {
       const C* x_n = scratch.load(row<T>(a.x, r, a.x_stride), 0, GH) + 2 * H;
       const C* hh_n = scratch.load(row<T>(a.hh, r, GH), 1, GH) + 2 * H;
@@ -201,11 +218,7 @@ FASTATTN_INLINE void forward_rows(const RecurrentStepForwardArgs& a, int64_t row
     } else {
       for (int64_t j = 0; j < H; ++j) h[j] = std::max(pre[j], C(0));
     }
-    if constexpr (std::is_same_v<T, C>) {
-      std::copy(h, h + H, h_new);
-    } else {
-      convert_row(h, h_new, H);
-    }
+    if constexpr (!std::is_same_v<T, C>) convert_row(h, h_new, H);
     if (out != nullptr) std::copy(h_new, h_new + H, out);
   }
 }

@@ -1,10 +1,10 @@
 """Recurrent layers: LSTM, GRU, tanh/ReLU RNN and the LayerNorm-LSTM, one layer and direction at a time.
 
 :func:`recurrent_layer` runs one direction of one layer over time: the input projections of every step are one
-matmul (large CPU inference: one per chunk of steps), then the torch.library op ``fastattn::recurrent`` runs the
-steps on a kernel backend, each the recurrent matmul and one fused pointwise cell kernel (C++ CPU and CUDA:
-``csrc/recurrent_driver.h``; Triton: ``fastattn/triton_kernels/recurrent.py``), and its backward runs through time
-the same way.
+matmul, then the torch.library op ``fastattn::recurrent`` runs the steps on a kernel backend, each the recurrent
+matmul and one fused pointwise cell kernel (C++ CPU and CUDA: ``csrc/recurrent_driver.h``; Triton:
+``fastattn/triton_kernels/recurrent.py``), and its backward runs through time the same way. Large CPU inference
+runs in one call of fastattn_C's ``recurrent_inference`` instead: a projection matmul per chunk of steps.
 :func:`recurrent` stacks layers and directions as torch.nn.LSTM / GRU / RNN do, with dropout between layers.
 Semantics, shapes and parameter names are those of :func:`fastattn.reference.recurrent_layer` /
 :func:`fastattn.reference.recurrent`; the ``reference`` backend runs those under autograd.
@@ -29,12 +29,13 @@ KIND_IDS = {"lstm": 0, "gru": 1, "rnn_tanh": 2, "rnn_relu": 3, "layernorm_lstm":
 LAYERNORM_LSTM = KIND_IDS["layernorm_lstm"]
 CELL_NORMS = ("norm_hh_weight", "norm_hh_bias", "norm_c_weight", "norm_c_bias")  # normalised inside the cell
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-# Inference on the CPU, when the projection of every step at once would hold 2^23 values or more (32 MiB in
-# float32), runs the steps in chunks of about this many (step, batch) rows, each chunk's projection in memory the
-# allocator reuses: the one-shot projection writes fresh pages (page faults) and runs its GEMM less efficiently
-# there. Smaller problems run in one call (each call prepacks the recurrent weight once).
+# Inference on the CPU in float32 or float64, when the projection of every step at once would hold 2^23 values or
+# more (32 MiB in float32), runs through fastattn_C's recurrent_inference: steps in chunks of about this many
+# (step, batch) rows, each chunk's projection in one buffer: the one-shot projection writes fresh pages (page
+# faults) and runs its GEMM less efficiently there. It prepares the weights once for all chunks.
 INFERENCE_CHUNK_ROWS = 1024
 CHUNKED_MIN_VALUES = 1 << 23
+CHUNKED_DTYPES = (torch.float32, torch.float64)  # the cell state stays exact
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -307,22 +308,20 @@ def recurrent_layer(
     norms = tuple(w[key] for key in CELL_NORMS) if kind == "layernorm_lstm" else (None,) * 4
     leaves = (x, h0, c0, *w.values())
     save = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in leaves)
-    steps = max(1, INFERENCE_CHUNK_ROWS // max(1, x.shape[1]))
-    chunks = [(0, x.shape[0])]
     large = x.shape[0] * x.shape[1] * w["weight_hh"].shape[0] >= CHUNKED_MIN_VALUES  # the one-shot projection
-    if not save and large and name == "cpu" and x.dtype in (torch.float32, torch.float64):  # c exact
-        chunks = [(t, min(t + steps, x.shape[0])) for t in range(0, x.shape[0], steps)]
-    h, c, outs = h0, c0, []
-    for begin, end in reversed(chunks) if reverse else chunks:
-        x_proj, b_hh = _project(kind, x[begin:end], w, eps)
-        chunk_lengths = None if lengths is None else (lengths - begin).clamp_(min=0)
-        out, hstate, cstate, _ = run_recurrent(name, KIND_IDS[kind], x_proj, h, c, w["weight_hh"], b_hh,
-                                               w["weight_hr"], chunk_lengths, reverse, save, *norms, eps)  # fmt: skip
-        last = 0 if reverse else -1
-        h, c = hstate[last], None if c0 is None else cstate[last].to(x.dtype)
-        outs.append(out)
-    out = outs[0] if len(outs) == 1 else torch.cat(outs[::-1] if reverse else outs)
-    return out, h, c
+    chunked = name == "cpu" and kind != "layernorm_lstm" and x.dtype in CHUNKED_DTYPES and not compiling()
+    if chunked and large and not save:
+        steps = max(1, INFERENCE_CHUNK_ROWS // max(1, x.shape[1]))
+        out, h_n, c_n = torch.ops.fastattn_C.recurrent_inference(
+            KIND_IDS[kind], x, w["weight_ih"], w["bias_ih"], h0, c0, w["weight_hh"], w["bias_hh"], w["weight_hr"],
+            lengths, reverse, steps,
+        )  # fmt: skip
+        return out, h_n, None if c0 is None else c_n
+    x_proj, b_hh = _project(kind, x, w, eps)
+    out, hstate, cstate, _ = run_recurrent(name, KIND_IDS[kind], x_proj, h0, c0, w["weight_hh"], b_hh, w["weight_hr"],
+                                           lengths, reverse, save, *norms, eps)  # fmt: skip
+    last = 0 if reverse else -1
+    return out, hstate[last], None if c0 is None else cstate[last].to(x.dtype)
 
 
 def _project(kind: str, x: Tensor, w: dict, eps: float) -> tuple[Tensor, Optional[Tensor]]:

@@ -189,13 +189,37 @@ def test_inference_in_chunks_of_steps(kind, reverse, monkeypatch):
     monkeypatch.setattr(ops, "CHUNKED_MIN_VALUES", 1)
     x, h0, c0, weights = make_problem(kind, 13, 3, 4, 6)
     lengths = torch.tensor([13, 4, 7])
-    with torch.no_grad(), backends.record() as calls:
+    with torch.no_grad(), backends.record() as calls, torch.profiler.profile() as prof:
         ours = ops.recurrent_layer(kind, x, h0, c0, weights, lengths, reverse)
     assert [c.backend for c in calls if c.op == "recurrent"] == ["cpu"]
+    chunked = "fastattn_C::recurrent_inference" in {event.name for event in prof.events()}
+    assert chunked == (kind != "layernorm_lstm")  # LN_ih needs the whole projection: one pass
     truth = reference.recurrent_layer(kind, x, h0, c0, weights, lengths, reverse)
     for a, b in zip(ours, truth, strict=True):
         if b is not None:
             assert_near(a, b, 1e-12)
+
+
+@pytest.mark.parametrize("kind, hidden, proj", [("lstm", 128, 0), ("lstm", 512, 256), ("gru", 192, 0)],
+                         ids=["lstm", "lstm-proj", "gru"])
+def test_large_float32_inference_prepares_each_weight_once(kind, hidden, proj, monkeypatch):
+    """Large float32 inference multiplies through oneDNN in chunks of steps (here 4 of 2 steps: 7 = 3 x 2 + 1), each
+    weight prepacked once for all of them (every step here has >= 2^22 MACs); the error-ratio rule holds."""
+    monkeypatch.setattr(ops, "INFERENCE_CHUNK_ROWS", 128)  # batch 64: 2 steps a chunk
+    monkeypatch.setattr(ops, "CHUNKED_MIN_VALUES", 1)
+    problem = make_problem(kind, 7, 64, 96, hidden, proj=proj, dtype=torch.float32)
+    lengths = torch.tensor([7, 3, 5, 1] * 16)
+    with torch.no_grad(), torch.profiler.profile() as prof:
+        ours = ops.recurrent_layer(kind, *problem, lengths=lengths)
+    names = [event.name for event in prof.events()]
+    assert names.count("fastattn_C::recurrent_inference") == 1
+    assert names.count("mkldnn::_reorder_linear_weight") == (3 if proj else 2)  # w_ih, w_hh (, w_hr)
+    with torch.no_grad():
+        baseline = reference.recurrent_layer(kind, *problem, lengths=lengths)
+        truth = reference.recurrent_layer(kind, *as_float64(problem), lengths=lengths)
+    for a, base, b in zip(ours, baseline, truth, strict=True):
+        if b is not None:
+            assert_error_ratio(a, b, base)
 
 
 def test_inference_saves_nothing_and_matches():
@@ -301,6 +325,29 @@ def test_backward_checks_what_the_kernels_read():
         backward(cstate=cstate[:-1])
     with pytest.raises(RuntimeError, match="lengths must be"):
         backward(lengths=torch.tensor([3, 2, 1]))
+
+
+def test_inference_op_checks_its_arguments():
+    """fastattn_C's recurrent_inference (CPU) refuses what it cannot run rather than reading past it."""
+    x, h0, c0, w = (t.detach() if isinstance(t, torch.Tensor) else t for t in make_problem("lstm", 3, 2, 4, 5))
+    w = {key: value.detach() for key, value in w.items()}
+
+    def inference(kind=0, x=x, w_ih=w["weight_ih"], chunk=2):
+        return torch.ops.fastattn_C.recurrent_inference(kind, x, w_ih, None, h0, c0, w["weight_hh"], None, None,
+                                                        None, False, chunk)  # fmt: skip
+
+    out, h_n, c_n = inference()
+    truth = reference.recurrent_layer("lstm", x, h0, c0, {"weight_ih": w["weight_ih"], "weight_hh": w["weight_hh"]})
+    for ours, expected in zip((out, h_n, c_n), truth, strict=True):
+        assert_close(ours, expected, atol=1e-12)
+    with pytest.raises(RuntimeError, match="LayerNorm-LSTM"):
+        inference(kind=4)
+    with pytest.raises(RuntimeError, match="chunk must be at least 1"):
+        inference(chunk=0)
+    with pytest.raises(RuntimeError, match=r"w_ih \(G\*H, I\)"):
+        inference(w_ih=w["weight_ih"][:, :-1])
+    with pytest.raises(RuntimeError, match="w_ih must have x's dtype"):
+        inference(w_ih=w["weight_ih"].float())
 
 
 def test_bad_kind():
