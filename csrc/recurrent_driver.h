@@ -192,7 +192,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> recurrent_forward_loo
 
 // Inference (nothing saved) of the kinds without cell norms on x (S, B, I), in chunks of `chunk` steps: per chunk one
 // matmul for its input projections x W_ih^T + b_ih (in a buffer the chunks share, so that no fresh S x B x G*H
-// buffer is paged in), then its steps, written into the one output. The weights are prepared once per call.
+// buffer is paged in), then its steps, written into the one output. The weights are prepared once per call
+// (Cells::prepare_input(w_ih, rows a chunk, S * B rows in all) for the projections).
 // Returns (out (S, B, P), h_n (B, P), c_n (B, H) or empty), in x's dtype.
 template <class Cells>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> recurrent_inference_loop(
@@ -213,7 +214,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> recurrent_inference_loop(
   const bool lstm = recurrent_has_cell(kind);
   auto out = at::empty({S, B, w_hh.size(1)}, x.options());
   const StepWeights weights = prepare_step_weights(cells, w_hh, w_hr, B);
-  const at::Tensor w_ih_p = cells.prepare(w_ih, rows);
+  const at::Tensor w_ih_p = cells.prepare_input(w_ih, rows, S * B);
   const at::Tensor bias = data_or_null(b_ih) ? b_ih->contiguous() : at::Tensor();
   auto proj_buffer = at::empty({rows, GH}, x.options());
   at::Tensor h = h0;

@@ -60,6 +60,9 @@ class OneDnnLinear {
 
 // Below this many multiply-adds per step (batch * N * K) MKL's small-matrix path beats oneDNN's call overhead.
 constexpr int64_t kOneDnnMinMacs = int64_t(1) << 22;
+// The input projections' weight is prepacked when they take this many multiply-adds in all (the reorder costs
+// about 0.1 ms even for a small weight).
+constexpr int64_t kProjectionPrepackMinMacs = int64_t(1) << 28;
 
 struct CpuCells {
   static int64_t grain(int64_t kind_width) { return std::max<int64_t>(1, kMinElementsPerTask / kind_width); }
@@ -68,6 +71,14 @@ struct CpuCells {
     const bool large = batch * w.size(0) * w.size(1) >= kOneDnnMinMacs;
     if (w.scalar_type() == at::kFloat && large && OneDnnLinear::get() != nullptr) {
       return OneDnnLinear::get()->prepack(w, batch);
+    }
+    return w;
+  }
+  // w_ih (G*H, I) for input projections of `rows` rows a call, `total` rows in all.
+  at::Tensor prepare_input(const at::Tensor& w, int64_t rows, int64_t total) const {
+    const bool large = total * w.size(0) * w.size(1) >= kProjectionPrepackMinMacs;
+    if (large && w.scalar_type() == at::kFloat && OneDnnLinear::get() != nullptr) {
+      return OneDnnLinear::get()->prepack(w, rows);
     }
     return w;
   }

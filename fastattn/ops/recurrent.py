@@ -29,13 +29,13 @@ KIND_IDS = {"lstm": 0, "gru": 1, "rnn_tanh": 2, "rnn_relu": 3, "layernorm_lstm":
 LAYERNORM_LSTM = KIND_IDS["layernorm_lstm"]
 CELL_NORMS = ("norm_hh_weight", "norm_hh_bias", "norm_c_weight", "norm_c_bias")  # normalised inside the cell
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-# Inference on the CPU in float32 or float64, when the projection of every step at once would hold 2^23 values or
-# more (32 MiB in float32), runs through fastattn_C's recurrent_inference: steps in chunks of about this many
-# (step, batch) rows, each chunk's projection in one buffer: the one-shot projection writes fresh pages (page
-# faults) and runs its GEMM less efficiently there. It prepares the weights once for all chunks.
+# Inference on the CPU in float32 or float64 runs in one call of fastattn_C's recurrent_inference (less overhead
+# than the op's). When the projection of every step at once would hold 2^23 values or more (32 MiB in float32), it
+# runs the steps in chunks of about this many (step, batch) rows, each chunk's projection in one buffer: the
+# one-shot projection writes fresh pages (page faults) and runs its GEMM less efficiently there.
 INFERENCE_CHUNK_ROWS = 1024
 CHUNKED_MIN_VALUES = 1 << 23
-CHUNKED_DTYPES = (torch.float32, torch.float64)  # the cell state stays exact
+INFERENCE_DTYPES = (torch.float32, torch.float64)  # the cell state stays exact between chunks
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -308,10 +308,9 @@ def recurrent_layer(
     norms = tuple(w[key] for key in CELL_NORMS) if kind == "layernorm_lstm" else (None,) * 4
     leaves = (x, h0, c0, *w.values())
     save = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in leaves)
-    large = x.shape[0] * x.shape[1] * w["weight_hh"].shape[0] >= CHUNKED_MIN_VALUES  # the one-shot projection
-    chunked = name == "cpu" and kind != "layernorm_lstm" and x.dtype in CHUNKED_DTYPES and not compiling()
-    if chunked and large and not save:
-        steps = max(1, INFERENCE_CHUNK_ROWS // max(1, x.shape[1]))
+    if not save and name == "cpu" and kind != "layernorm_lstm" and x.dtype in INFERENCE_DTYPES and not compiling():
+        large = x.shape[0] * x.shape[1] * w["weight_hh"].shape[0] >= CHUNKED_MIN_VALUES  # the one-shot projection
+        steps = max(1, INFERENCE_CHUNK_ROWS // max(1, x.shape[1])) if large else x.shape[0]
         out, h_n, c_n = torch.ops.fastattn_C.recurrent_inference(
             KIND_IDS[kind], x, w["weight_ih"], w["bias_ih"], h0, c0, w["weight_hh"], w["bias_hh"], w["weight_hr"],
             lengths, reverse, steps,

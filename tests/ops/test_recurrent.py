@@ -204,10 +204,11 @@ def test_inference_in_chunks_of_steps(kind, reverse, monkeypatch):
                          ids=["lstm", "lstm-proj", "gru"])
 def test_large_float32_inference_prepares_each_weight_once(kind, hidden, proj, monkeypatch):
     """Large float32 inference multiplies through oneDNN in chunks of steps (here 4 of 2 steps: 7 = 3 x 2 + 1), each
-    weight prepacked once for all of them (every step here has >= 2^22 MACs); the error-ratio rule holds."""
+    weight prepacked once for all of them (every step here has >= 2^22 MACs, the projections >= 2^28 in all); the
+    error-ratio rule holds."""
     monkeypatch.setattr(ops, "INFERENCE_CHUNK_ROWS", 128)  # batch 64: 2 steps a chunk
     monkeypatch.setattr(ops, "CHUNKED_MIN_VALUES", 1)
-    problem = make_problem(kind, 7, 64, 96, hidden, proj=proj, dtype=torch.float32)
+    problem = make_problem(kind, 7, 64, 1200, hidden, proj=proj, dtype=torch.float32)
     lengths = torch.tensor([7, 3, 5, 1] * 16)
     with torch.no_grad(), torch.profiler.profile() as prof:
         ours = ops.recurrent_layer(kind, *problem, lengths=lengths)
