@@ -1,6 +1,8 @@
 // The Python module fastattn._C: loading it registers the ops (torch.ops.fastattn_C) and tells how it was built.
 #include <pybind11/pybind11.h>
 
+#include "cpu/step_gemm.h"
+
 #if __has_include("generated/build_info.h")
 #include "generated/build_info.h"  // written by setup.py
 #endif
@@ -22,6 +24,7 @@ PYBIND11_MODULE(_C, module) {
 #endif
     info["cuda_status"] = FASTATTN_CUDA_STATUS;
     info["cuda_archs"] = FASTATTN_CUDA_ARCHS;
+    info["cpu_step_gemm"] = fastattn::cpu::step_gemm_available();  // the recurrent steps' AVX-512 GEMM
     return info;
   });
 }

@@ -1,11 +1,13 @@
 // CPU implementation of the fastattn_C recurrent ops (schemas in csrc/fastattn.cpp): the time loop of
 // csrc/recurrent_driver.h with the pointwise cells of csrc/cpu/recurrent_kernel.cpp, each step's rows split over
-// at::parallel_for. Large float32 steps multiply through oneDNN with the weight prepacked once per call (ATen's
-// own mkldnn::_reorder_linear_weight and _linear_pointwise ops, about 1.6x MKL's sgemm at LSTM step shapes);
-// small steps, other dtypes, and torch builds without oneDNN use ATen's mm. recurrent_inference chunks the steps
-// of large inference and adds the input projections the same way.
+// at::parallel_for. Float32 steps multiply on csrc/cpu/step_gemm.h's AVX-512 kernel with the weight packed once per
+// call; without AVX-512, large float32 steps go through oneDNN with the weight prepacked (ATen's own
+// mkldnn::_reorder_linear_weight and _linear_pointwise ops, about 1.6x MKL's sgemm at LSTM step shapes), and small
+// steps and other dtypes use ATen's mm. recurrent_inference chunks the steps of large inference and adds the input
+// projections (prepacked for oneDNN when large).
 #include <ATen/Parallel.h>
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/record_function.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -14,6 +16,7 @@
 
 #include "../recurrent_driver.h"
 #include "recurrent_kernel.h"
+#include "step_gemm.h"
 
 namespace fastattn {
 namespace {
@@ -64,18 +67,54 @@ constexpr int64_t kOneDnnMinMacs = int64_t(1) << 22;
 // about 0.1 ms even for a small weight).
 constexpr int64_t kProjectionPrepackMinMacs = int64_t(1) << 28;
 
+// Float32 step matmuls run on the packed AVX-512 kernel of csrc/cpu/step_gemm.h where the CPU has it (near peak from a
+// batch of 8 up, where MKL and oneDNN pay per-call overheads), split over threads by weight panels of at least this
+// many multiply-adds each.
+constexpr int64_t kStepGemmMinMacsPerTask = int64_t(1) << 18;
+
+// w (N, K) float32 packed for cpu::step_gemm: (panels, K, kStepGemmPanel).
+at::Tensor pack_step_weight(const at::Tensor& w) {
+  RECORD_FUNCTION("fastattn_C::pack_step_weight", std::vector<c10::IValue>());  // visible to torch.profiler
+  const at::Tensor dense = w.contiguous();
+  const int64_t n = w.size(0), k = w.size(1);
+  auto packed = at::empty({cpu::step_gemm_panels(n), k, cpu::kStepGemmPanel}, w.options());
+  cpu::step_gemm_pack(dense.data_ptr<float>(), n, k, packed.data_ptr<float>());
+  return packed;
+}
+
+// buffer (M, N) = x (M, K) w^T + add (a bias (N,), (M, N) or undefined), w packed by pack_step_weight.
+at::Tensor packed_linear(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& add, at::Tensor& buffer) {
+  const int64_t m = x.size(0), k = x.size(1), n = buffer.size(1), panels = packed.size(0);
+  TORCH_INTERNAL_ASSERT(packed.size(1) == k && panels == cpu::step_gemm_panels(n) && buffer.size(0) == m &&
+                        buffer.is_contiguous() && x.scalar_type() == at::kFloat);
+  const at::Tensor a = x.stride(1) == 1 ? x : x.contiguous();
+  const at::Tensor b = add.defined() ? add.contiguous() : add;
+  const float* add_data = b.defined() ? b.data_ptr<float>() : nullptr;
+  const int64_t add_ld = b.defined() && b.dim() == 2 ? n : 0;
+  const int64_t panel_macs = std::max<int64_t>(1, m * k * cpu::kStepGemmPanel);
+  const int64_t grain = std::max<int64_t>(1, kStepGemmMinMacsPerTask / panel_macs);
+  at::parallel_for(0, panels, grain, [&](int64_t begin, int64_t end) {
+    cpu::step_gemm(a.data_ptr<float>(), a.stride(0), m, packed.data_ptr<float>(), n, k, add_data, add_ld,
+                   buffer.data_ptr<float>(), n, begin, end);
+  });
+  return buffer;
+}
+
 struct CpuCells {
   static int64_t grain(int64_t kind_width) { return std::max<int64_t>(1, kMinElementsPerTask / kind_width); }
-  // w (N, K) prepacked for oneDNN when float32 and large enough; else w itself (ATen's mm).
+  // w (N, K) in float32 packed for cpu::step_gemm where the CPU runs it, else prepacked for oneDNN when large enough;
+  // otherwise w itself (ATen's mm).
   at::Tensor prepare(const at::Tensor& w, int64_t batch) const {
+    if (w.scalar_type() != at::kFloat) return w;
+    if (cpu::step_gemm_available()) return pack_step_weight(w);
     const bool large = batch * w.size(0) * w.size(1) >= kOneDnnMinMacs;
-    if (w.scalar_type() == at::kFloat && large && OneDnnLinear::get() != nullptr) {
-      return OneDnnLinear::get()->prepack(w, batch);
-    }
+    if (large && OneDnnLinear::get() != nullptr) return OneDnnLinear::get()->prepack(w, batch);
     return w;
   }
-  // w_ih (G*H, I) for input projections of `rows` rows a call, `total` rows in all.
+  // w_ih (G*H, I) for input projections of `rows` rows a call, `total` rows in all: as prepare, except that oneDNN
+  // takes only projections large enough to repay its reorder.
   at::Tensor prepare_input(const at::Tensor& w, int64_t rows, int64_t total) const {
+    if (w.scalar_type() == at::kFloat && cpu::step_gemm_available()) return pack_step_weight(w);
     const bool large = total * w.size(0) * w.size(1) >= kProjectionPrepackMinMacs;
     if (large && w.scalar_type() == at::kFloat && OneDnnLinear::get() != nullptr) {
       return OneDnnLinear::get()->prepack(w, rows);
@@ -84,6 +123,7 @@ struct CpuCells {
   }
   at::Tensor linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& add, at::Tensor& buffer) const {
     if (w.is_mkldnn()) return OneDnnLinear::get()->linear(x, w, add);
+    if (w.dim() == 3) return packed_linear(x, w, add, buffer);
     return AtenStepLinear{}.linear(x, w, add, buffer);
   }
   void forward(const RecurrentStepForwardArgs& a) const {

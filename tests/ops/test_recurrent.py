@@ -162,17 +162,42 @@ def test_on_a_gpu_triton_takes_only_the_persistent_layers():
     assert check(types.SimpleNamespace(dtype=torch.int32, device=torch.device("cuda")), "gru", False, 8) is not None
 
 
-@pytest.mark.parametrize("kind", ["lstm", "gru"])
-def test_large_float32_steps_on_onednn(kind):
-    """Steps of batch * 4H * H >= 2^22 multiply-adds run through oneDNN's prepacked linear on the CPU (smaller
-    ones through ATen's mm): the error-ratio rule against float64 holds there too, forward and backward."""
-    problem = make_problem(kind, 3, 16, 8, 256, dtype=torch.float32)
+def use_step_gemm(path, monkeypatch):
+    """Sends the CPU's float32 step matmuls to `path`: "packed", the AVX-512 step GEMM (skipped where the CPU lacks
+    AVX-512F), or "fallback" (FASTATTN_CPU_STEP_GEMM=0): oneDNN's prepacked linear from 2^22 multiply-adds a step,
+    ATen's mm below."""
+    monkeypatch.delenv("FASTATTN_CPU_STEP_GEMM", raising=False)
+    if path == "packed" and not backends.extension()[0].build_info()["cpu_step_gemm"]:
+        pytest.skip("this CPU has no AVX-512F: the packed step GEMM cannot run here")
+    if path == "fallback":
+        monkeypatch.setenv("FASTATTN_CPU_STEP_GEMM", "0")
+
+
+def step_gemm_event(path, macs):
+    """The profiler event that shows a step matmul of `macs` multiply-adds ran on `path`."""
+    if path == "packed":
+        return "fastattn_C::pack_step_weight"
+    return "mkldnn::_linear_pointwise" if macs >= 1 << 22 and torch.backends.mkldnn.is_available() else "aten::mm"
+
+
+@pytest.mark.parametrize("path", ["packed", "fallback"])
+@pytest.mark.parametrize("batch, hidden, proj", [(3, 24, 0), (5, 18, 7), (16, 256, 0)], ids=["small", "proj", "large"])
+@pytest.mark.parametrize("kind", ["lstm", "gru", "rnn_tanh", "layernorm_lstm"])
+def test_float32_step_matmuls(kind, batch, hidden, proj, path, monkeypatch):
+    """Float32 steps multiply on the packed AVX-512 kernel (every size: row and column tails here) or on the fallback
+    (oneDNN for large steps, ATen's mm for small ones): the error-ratio rule against float64 holds on both, forward
+    and backward (where the packed kernel also runs the transposed weights), with lengths."""
+    if proj and kind not in CELLS:
+        pytest.skip("the projection is the LSTMs'")
+    use_step_gemm(path, monkeypatch)
+    problem = make_problem(kind, 4, batch, 8, hidden, proj=proj, dtype=torch.float32)
+    lengths = torch.arange(batch) % 4 + 1
     with torch.profiler.profile() as prof:
-        values, grads = run(ops.recurrent_layer, kind, problem, None, False)
-    if torch.backends.mkldnn.is_available():
-        assert "mkldnn::_linear_pointwise" in {event.name for event in prof.events()}
-    baseline_values, baseline_grads = run(reference.recurrent_layer, kind, problem, None, False)
-    truth_values, truth_grads = run(reference.recurrent_layer, kind, as_float64(problem), None, False)
+        values, grads = run(ops.recurrent_layer, kind, problem, lengths, False)
+    macs = batch * reference.RECURRENT_GATES[kind] * hidden * (proj or hidden)
+    assert step_gemm_event(path, macs) in {event.name for event in prof.events()}
+    baseline_values, baseline_grads = run(reference.recurrent_layer, kind, problem, lengths, False)
+    truth_values, truth_grads = run(reference.recurrent_layer, kind, as_float64(problem), lengths, False)
     for ours, base, truth in zip(values, baseline_values, truth_values, strict=True):
         if truth is not None:
             assert_error_ratio(ours, truth, base)
@@ -202,10 +227,12 @@ def test_inference_in_chunks_of_steps(kind, reverse, monkeypatch):
 
 @pytest.mark.parametrize("kind, hidden, proj", [("lstm", 128, 0), ("lstm", 512, 256), ("gru", 192, 0)],
                          ids=["lstm", "lstm-proj", "gru"])
-def test_large_float32_inference_prepares_each_weight_once(kind, hidden, proj, monkeypatch):
-    """Large float32 inference multiplies through oneDNN in chunks of steps (here 4 of 2 steps: 7 = 3 x 2 + 1), each
-    weight prepacked once for all of them (every step here has >= 2^22 MACs, the projections >= 2^28 in all); the
-    error-ratio rule holds."""
+@pytest.mark.parametrize("path", ["packed", "fallback"])
+def test_large_float32_inference_prepares_each_weight_once(kind, hidden, proj, path, monkeypatch):
+    """Large float32 inference runs in chunks of steps (here 4 of 2 steps: 7 = 3 x 2 + 1), each weight prepared once
+    for all of them: packed for the AVX-512 step GEMM, or prepacked for oneDNN on the fallback (every step here has
+    >= 2^22 MACs, the projections >= 2^28 in all); the error-ratio rule holds."""
+    use_step_gemm(path, monkeypatch)
     monkeypatch.setattr(ops, "INFERENCE_CHUNK_ROWS", 128)  # batch 64: 2 steps a chunk
     monkeypatch.setattr(ops, "CHUNKED_MIN_VALUES", 1)
     problem = make_problem(kind, 7, 64, 1200, hidden, proj=proj, dtype=torch.float32)
@@ -214,7 +241,8 @@ def test_large_float32_inference_prepares_each_weight_once(kind, hidden, proj, m
         ours = ops.recurrent_layer(kind, *problem, lengths=lengths)
     names = [event.name for event in prof.events()]
     assert names.count("fastattn_C::recurrent_inference") == 1
-    assert names.count("mkldnn::_reorder_linear_weight") == (3 if proj else 2)  # w_ih, w_hh (, w_hr)
+    prepare = "fastattn_C::pack_step_weight" if path == "packed" else "mkldnn::_reorder_linear_weight"
+    assert names.count(prepare) == (3 if proj else 2)  # w_ih, w_hh (, w_hr)
     with torch.no_grad():
         baseline = reference.recurrent_layer(kind, *problem, lengths=lengths)
         truth = reference.recurrent_layer(kind, *as_float64(problem), lengths=lengths)

@@ -1,0 +1,110 @@
+// The recurrent steps' small float32 GEMM (csrc/cpu/step_gemm.h): a register-blocked AVX-512 micro-kernel, kRows rows
+// x 32 columns of C accumulated over K in 2 x kRows zmm registers, one packed weight panel at a time (it stays in L1
+// or L2 while every row block of A passes over it).
+#include "step_gemm.h"
+
+#include <algorithm>
+#include <cstdlib>
+#include <cstring>
+
+#if defined(__GNUC__) && defined(__x86_64__)
+#include <immintrin.h>
+#define FASTATTN_STEP_GEMM 1
+#define FASTATTN_AVX512F __attribute__((target("avx512f")))
+#endif
+
+namespace fastattn {
+namespace cpu {
+
+bool step_gemm_supported() {
+#if defined(FASTATTN_STEP_GEMM)
+  static const bool supported = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512f") != 0;
+  }();
+  return supported;
+#else
+  return false;
+#endif
+}
+
+bool step_gemm_available() {
+  const char* setting = std::getenv("FASTATTN_CPU_STEP_GEMM");  // read each time, so that tests can switch it
+  return step_gemm_supported() && (setting == nullptr || std::strcmp(setting, "0") != 0);
+}
+
+void step_gemm_pack(const float* w, int64_t n, int64_t k, float* packed) {
+  for (int64_t p = 0; p < step_gemm_panels(n); ++p) {  // each weight row read once, in order
+    float* panel = packed + p * k * kStepGemmPanel;
+    for (int64_t j = 0; j < kStepGemmPanel; ++j) {
+      const int64_t col = p * kStepGemmPanel + j;
+      const float* w_row = col < n ? w + col * k : nullptr;
+      for (int64_t kk = 0; kk < k; ++kk) panel[kk * kStepGemmPanel + j] = w_row != nullptr ? w_row[kk] : 0.0f;
+    }
+  }
+}
+
+#if defined(FASTATTN_STEP_GEMM)
+namespace {
+
+constexpr int kMaxRows = 8;  // 16 accumulators, plus the two weight vectors and a broadcast
+
+// C[0..kRows, cols) = A[0..kRows) panel (+ add) for one panel; cols <= 32 valid columns.
+template <int kRows>
+FASTATTN_AVX512F void panel_block(const float* a, int64_t lda, const float* panel, int64_t k, const float* add,
+                                  int64_t add_ld, float* c, int64_t ldc, int64_t cols) {
+  __m512 lo[kRows], hi[kRows];
+  for (int i = 0; i < kRows; ++i) lo[i] = hi[i] = _mm512_setzero_ps();
+  for (int64_t kk = 0; kk < k; ++kk) {
+    const __m512 w_lo = _mm512_loadu_ps(panel + kk * kStepGemmPanel);
+    const __m512 w_hi = _mm512_loadu_ps(panel + kk * kStepGemmPanel + 16);
+    for (int i = 0; i < kRows; ++i) {
+      const __m512 x = _mm512_set1_ps(a[i * lda + kk]);
+      lo[i] = _mm512_fmadd_ps(x, w_lo, lo[i]);
+      hi[i] = _mm512_fmadd_ps(x, w_hi, hi[i]);
+    }
+  }
+  const __mmask16 mask_lo = cols >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << cols) - 1);
+  const __mmask16 mask_hi = cols >= 32   ? __mmask16(0xFFFF)
+                            : cols <= 16 ? __mmask16(0)
+                                         : __mmask16((1u << (cols - 16)) - 1);
+  for (int i = 0; i < kRows; ++i) {
+    if (add != nullptr) {
+      const float* add_row = add + i * add_ld;
+      lo[i] = _mm512_add_ps(lo[i], _mm512_maskz_loadu_ps(mask_lo, add_row));
+      hi[i] = _mm512_add_ps(hi[i], _mm512_maskz_loadu_ps(mask_hi, add_row + 16));
+    }
+    _mm512_mask_storeu_ps(c + i * ldc, mask_lo, lo[i]);
+    _mm512_mask_storeu_ps(c + i * ldc + 16, mask_hi, hi[i]);
+  }
+}
+
+using PanelBlock = void (*)(const float*, int64_t, const float*, int64_t, const float*, int64_t, float*, int64_t,
+                            int64_t);
+constexpr PanelBlock kPanelBlocks[kMaxRows + 1] = {nullptr,           panel_block<1>, panel_block<2>,
+                                                   panel_block<3>,    panel_block<4>, panel_block<5>,
+                                                   panel_block<6>,    panel_block<7>, panel_block<8>};
+
+}  // namespace
+#endif
+
+void step_gemm(const float* a, int64_t lda, int64_t m, const float* packed, int64_t n, int64_t k, const float* add,
+               int64_t add_ld, float* c, int64_t ldc, int64_t panel_begin, int64_t panel_end) {
+#if defined(FASTATTN_STEP_GEMM)
+  for (int64_t p = panel_begin; p < panel_end; ++p) {
+    const int64_t col = p * kStepGemmPanel, cols = std::min(kStepGemmPanel, n - col);
+    const float* panel = packed + p * k * kStepGemmPanel;
+    for (int64_t row = 0; row < m; row += kMaxRows) {
+      const int64_t rows = std::min<int64_t>(kMaxRows, m - row);
+      const float* add_block = add == nullptr ? nullptr : add + row * add_ld + col;
+      kPanelBlocks[rows](a + row * lda, lda, panel, k, add_block, add_ld, c + row * ldc + col, ldc, cols);
+    }
+  }
+#else
+  (void)a, (void)lda, (void)m, (void)packed, (void)n, (void)k, (void)add, (void)add_ld, (void)c, (void)ldc;
+  (void)panel_begin, (void)panel_end;
+#endif
+}
+
+}  // namespace cpu
+}  // namespace fastattn

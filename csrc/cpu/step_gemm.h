@@ -1,0 +1,31 @@
+// A float32 GEMM for the small, latency-bound matmuls of the recurrent time loops: C (M, N) = A (M, K) W^T (+ add),
+// with W (N, K) packed once per call into panels of kStepGemmPanel output columns, each panel (K, kStepGemmPanel)
+// row-major and zero-padded past N. For a batch of a few dozen rows ATen's mm (MKL) runs such a product at about a
+// third of the machine's peak; this kernel keeps up to 8 rows x 32 columns of C in AVX-512 registers over the
+// whole K. No torch headers; AVX-512 only.
+#pragma once
+#include <cstdint>
+
+namespace fastattn {
+namespace cpu {
+
+constexpr int64_t kStepGemmPanel = 32;
+
+// Whether this CPU can run the kernel (AVX-512F), and whether the time loops use it: supported, and the environment
+// variable FASTATTN_CPU_STEP_GEMM is not 0 (0 sends the steps back to oneDNN / ATen's mm).
+bool step_gemm_supported();
+bool step_gemm_available();
+
+inline int64_t step_gemm_panels(int64_t n) { return (n + kStepGemmPanel - 1) / kStepGemmPanel; }
+
+// packed: step_gemm_panels(N) * K * kStepGemmPanel floats.
+void step_gemm_pack(const float* w, int64_t n, int64_t k, float* packed);
+
+// Columns [panel_begin, panel_end) * kStepGemmPanel (up to N) of C = A W^T + add. a: M rows of K, row stride lda
+// (unit stride over K); add: null, a bias (N,) when add_ld is 0, else M rows of N with row stride add_ld; c: row
+// stride ldc.
+void step_gemm(const float* a, int64_t lda, int64_t m, const float* packed, int64_t n, int64_t k, const float* add,
+               int64_t add_ld, float* c, int64_t ldc, int64_t panel_begin, int64_t panel_end);
+
+}  // namespace cpu
+}  // namespace fastattn
