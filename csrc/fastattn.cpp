@@ -83,11 +83,14 @@ TORCH_LIBRARY(fastattn_C, m) {
   m.def("recurrent_forward(int kind, Tensor x_proj, Tensor h0, Tensor? c0, Tensor w_hh, Tensor? b_hh, Tensor? w_hr, "
         "Tensor? lengths, bool reverse, bool save, Tensor? norm_hh_weight, Tensor? norm_hh_bias, "
         "Tensor? norm_c_weight, Tensor? norm_c_bias, float eps) -> (Tensor, Tensor, Tensor, Tensor)");
-  // Inference of one direction of one recurrent layer (kinds 0 to 3) on its input x (S, B, I) with w_ih (G*H, I) and
-  // b_ih None or (G*H,), the rest as recurrent_forward: chunk steps at a time, the input projection of each chunk one
-  // matmul. Returns out (S, B, P), h_n (B, P) and c_n (B, H) (empty but for the LSTM). CPU only.
+  // Inference of one direction of one recurrent layer on its input x (S, B, I) with w_ih (G*H, I) and b_ih None or
+  // (G*H,), the rest as recurrent_forward: chunk steps at a time, the input projection of each chunk one matmul. The
+  // LayerNorm-LSTM's cells normalise the projection x W_ih^T with LN_ih (norm_ih_* (4H,)) and add b_ih + b_hh after
+  // the norms. Returns out (S, B, P), h_n (B, P) and c_n (B, H) (empty but for the LSTMs). CPU only.
   m.def("recurrent_inference(int kind, Tensor x, Tensor w_ih, Tensor? b_ih, Tensor h0, Tensor? c0, Tensor w_hh, "
-        "Tensor? b_hh, Tensor? w_hr, Tensor? lengths, bool reverse, int chunk) -> (Tensor, Tensor, Tensor)");
+        "Tensor? b_hh, Tensor? w_hr, Tensor? lengths, bool reverse, int chunk, Tensor? norm_ih_weight, "
+        "Tensor? norm_ih_bias, Tensor? norm_hh_weight, Tensor? norm_hh_bias, Tensor? norm_c_weight, "
+        "Tensor? norm_c_bias, float eps) -> (Tensor, Tensor, Tensor)");
   // Backward through time of recurrent_forward from grad_out (S, B, P) (unit stride over P) and the gradients of
   // h_n (B, P) and c_n (B, H) (None: zero), with the forward's w_hh, w_hr, hstate, cstate, saved, lengths and
   // reverse. Returns d_x_proj (S, B, G*H), d_h0 (B, P), d_c0 (B, H) (empty but for the LSTM), d_w_hh (G*H, P),

@@ -41,6 +41,11 @@ struct RecurrentCellNorms {
   const void* c_weight;        // (H,)
   const void* c_bias;          // (H,)
   double eps;
+  // CPU inference only (recurrent_inference): x is the plain projection x W_ih^T and the cell applies LN_ih itself,
+  // with this affine pair (4H,) (either may be null).
+  bool normalise_x = false;
+  const void* ih_weight = nullptr;
+  const void* ih_bias = nullptr;
 };
 
 struct RecurrentStepForwardArgs {

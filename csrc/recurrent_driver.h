@@ -37,11 +37,15 @@ inline const void* data_or_null(const std::optional<at::Tensor>& t) {
   return t.has_value() && t->defined() ? t->data_ptr() : nullptr;
 }
 
-// The LayerNorm-LSTM's cell norms, each affine tensor contiguous or absent (kept alive by the caller's tensors).
+// The LayerNorm-LSTM's cell norms, each affine tensor contiguous or absent (kept alive by the caller's tensors);
+// with normalise_x (CPU inference) also LN_ih's.
 struct CellNormTensors {
   std::optional<at::Tensor> hh_weight, hh_bias, c_weight, c_bias;
+  bool normalise_x = false;
+  std::optional<at::Tensor> ih_weight, ih_bias;
   RecurrentCellNorms args(double eps) const {
-    return {data_or_null(hh_weight), data_or_null(hh_bias), data_or_null(c_weight), data_or_null(c_bias), eps};
+    return {data_or_null(hh_weight), data_or_null(hh_bias), data_or_null(c_weight), data_or_null(c_bias), eps,
+            normalise_x, data_or_null(ih_weight), data_or_null(ih_bias)};
   }
 };
 
@@ -190,20 +194,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> recurrent_forward_loo
   return {out, hstate, cstate, saved};
 }
 
-// Inference (nothing saved) of the kinds without cell norms on x (S, B, I), in chunks of `chunk` steps: per chunk one
-// matmul for its input projections x W_ih^T + b_ih (in a buffer the chunks share, so that no fresh S x B x G*H
-// buffer is paged in), then its steps, written into the one output. The weights are prepared once per call
-// (Cells::prepare_input(w_ih, rows a chunk, S * B rows in all) for the projections).
+// Inference (nothing saved) on x (S, B, I), in chunks of `chunk` steps: per chunk one matmul for its input projections
+// x W_ih^T + b_ih (in a buffer the chunks share, so that no fresh S x B x G*H buffer is paged in), then its steps,
+// written into the one output. The weights are prepared once per call (Cells::prepare_input(w_ih, rows a chunk,
+// S * B rows in all) for the projections). The LayerNorm-LSTM's projections leave out b_ih: its cells normalise
+// them (norms with normalise_x) and add b_ih + b_hh after the norms.
 // Returns (out (S, B, P), h_n (B, P), c_n (B, H) or empty), in x's dtype.
 template <class Cells>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> recurrent_inference_loop(
     int64_t kind_id, const at::Tensor& x, const at::Tensor& w_ih, const std::optional<at::Tensor>& b_ih,
     const at::Tensor& h0, const std::optional<at::Tensor>& c0, const at::Tensor& w_hh,
     const std::optional<at::Tensor>& b_hh, const std::optional<at::Tensor>& w_hr,
-    const std::optional<at::Tensor>& lengths, bool reverse, int64_t chunk, const Cells& cells) {
+    const std::optional<at::Tensor>& lengths, bool reverse, int64_t chunk, const CellNormTensors& norms, double eps,
+    const Cells& cells) {
   const RecurrentKind kind = recurrent_kind_of(kind_id);
-  TORCH_CHECK(kind != RecurrentKind::kLayerNormLstm, "recurrent_inference: the LayerNorm-LSTM normalises its input "
-              "projection: run recurrent_forward on LN_ih(x W_ih^T)");
+  const bool layernorm = kind == RecurrentKind::kLayerNormLstm;
+  TORCH_INTERNAL_ASSERT(norms.normalise_x == layernorm);
   TORCH_CHECK(x.dim() == 3 && w_ih.dim() == 2 && w_ih.size(1) == x.size(2) && w_ih.size(0) == w_hh.size(0),
               "recurrent_inference: x must be (S, B, I) and w_ih (G*H, I) with w_hh's G*H, got x ", x.sizes(),
               ", w_ih ", w_ih.sizes(), ", w_hh ", w_hh.sizes());
@@ -215,7 +221,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> recurrent_inference_loop(
   auto out = at::empty({S, B, w_hh.size(1)}, x.options());
   const StepWeights weights = prepare_step_weights(cells, w_hh, w_hr, B);
   const at::Tensor w_ih_p = cells.prepare_input(w_ih, rows, S * B);
-  const at::Tensor bias = data_or_null(b_ih) ? b_ih->contiguous() : at::Tensor();
+  at::Tensor bias = data_or_null(b_ih) ? b_ih->contiguous() : at::Tensor();
+  std::optional<at::Tensor> b_cell = b_hh;  // the bias the cells add
+  if (layernorm && bias.defined()) {
+    b_cell = data_or_null(b_hh) ? bias + *b_hh : bias;
+    bias = at::Tensor();
+  }
   auto proj_buffer = at::empty({rows, GH}, x.options());
   at::Tensor h = h0;
   std::optional<at::Tensor> c = c0;
@@ -227,8 +238,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> recurrent_inference_loop(
     std::optional<at::Tensor> live;
     if (lengths.has_value() && lengths->defined()) live = (*lengths - begin).clamp_min(0);
     const auto [o, hstate, cstate, saved] =
-        recurrent_forward_loop(kind_id, x_proj.view({n, B, GH}), h, c, w_hh, b_hh, w_hr, live, reverse, false,
-                               CellNormTensors{}, 0.0, cells, &weights, out.narrow(0, begin, n));
+        recurrent_forward_loop(kind_id, x_proj.view({n, B, GH}), h, c, w_hh, b_cell, w_hr, live, reverse, false,
+                               norms, eps, cells, &weights, out.narrow(0, begin, n));
     const int64_t last = reverse ? 0 : n;
     h = hstate[last];
     if (lstm) c = cstate[last];

@@ -163,8 +163,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> recurrent_inference_cpu(
     int64_t kind, const at::Tensor& x, const at::Tensor& w_ih, const std::optional<at::Tensor>& b_ih,
     const at::Tensor& h0, const std::optional<at::Tensor>& c0, const at::Tensor& w_hh,
     const std::optional<at::Tensor>& b_hh, const std::optional<at::Tensor>& w_hr,
-    const std::optional<at::Tensor>& lengths, bool reverse, int64_t chunk) {
-  return recurrent_inference_loop(kind, x, w_ih, b_ih, h0, c0, w_hh, b_hh, w_hr, lengths, reverse, chunk,
+    const std::optional<at::Tensor>& lengths, bool reverse, int64_t chunk,
+    const std::optional<at::Tensor>& norm_ih_weight, const std::optional<at::Tensor>& norm_ih_bias,
+    const std::optional<at::Tensor>& norm_hh_weight, const std::optional<at::Tensor>& norm_hh_bias,
+    const std::optional<at::Tensor>& norm_c_weight, const std::optional<at::Tensor>& norm_c_bias, double eps) {
+  CellNormTensors norms;
+  if (recurrent_kind_of(kind) == RecurrentKind::kLayerNormLstm) {
+    const int64_t hidden = w_hh.size(0) / 4;
+    norms = cell_norms(norm_hh_weight, norm_hh_bias, norm_c_weight, norm_c_bias, hidden, x);
+    norms.normalise_x = true;
+    norms.ih_weight = contiguous_or_none(norm_ih_weight, 4 * hidden, x, "norm_ih_weight");
+    norms.ih_bias = contiguous_or_none(norm_ih_bias, 4 * hidden, x, "norm_ih_bias");
+  }
+  return recurrent_inference_loop(kind, x, w_ih, b_ih, h0, c0, w_hh, b_hh, w_hr, lengths, reverse, chunk, norms, eps,
                                   CpuCells{});
 }
 

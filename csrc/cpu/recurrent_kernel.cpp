@@ -47,26 +47,31 @@ FASTATTN_INLINE void sum3(const C* __restrict x, const C* __restrict hh, const C
   }
 }
 
-// The LayerNorm-LSTM's affine pairs as compute-type rows (an absent weight reads 1, an absent bias 0).
+// The LayerNorm-LSTM's affine pairs as compute-type rows (an absent weight reads 1, an absent bias 0); LN_ih's only
+// when the cell normalises x.
 template <class T>
 class CellNorms {
  public:
   using C = compute_t<T>;
   CellNorms(const RecurrentCellNorms& n, int64_t H)
       : hh_weight_(affine(n.hh_weight, 4 * H, 1)), hh_bias_(affine(n.hh_bias, 4 * H, 0)),
-        c_weight_(affine(n.c_weight, H, 1)), c_bias_(affine(n.c_bias, H, 0)) {}
+        c_weight_(affine(n.c_weight, H, 1)), c_bias_(affine(n.c_bias, H, 0)),
+        ih_weight_(affine(n.ih_weight, n.normalise_x ? 4 * H : 0, 1)),
+        ih_bias_(affine(n.ih_bias, n.normalise_x ? 4 * H : 0, 0)) {}
   const C* hh_weight() const { return hh_weight_.data(); }
   const C* hh_bias() const { return hh_bias_.data(); }
   const C* c_weight() const { return c_weight_.data(); }
   const C* c_bias() const { return c_bias_.data(); }
+  const C* ih_weight() const { return ih_weight_.data(); }
+  const C* ih_bias() const { return ih_bias_.data(); }
 
  private:
   static std::vector<C> affine(const void* v, int64_t n, double absent) {
     std::vector<C> out(n, C(absent));
-    if (v != nullptr) convert_row(static_cast<const T*>(v), out.data(), n);
+    if (v != nullptr && n > 0) convert_row(static_cast<const T*>(v), out.data(), n);
     return out;
   }
-  std::vector<C> hh_weight_, hh_bias_, c_weight_, c_bias_;
+  std::vector<C> hh_weight_, hh_bias_, c_weight_, c_bias_, ih_weight_, ih_bias_;
 };
 
 // hat[j] = (v[j] - mean) / sqrt(var + eps) over v[0..n); returns 1 / sqrt(var + eps).
@@ -157,6 +162,7 @@ FASTATTN_INLINE void forward_rows(const RecurrentStepForwardArgs& a, int64_t row
   const bool layernorm = a.kind == RecurrentKind::kLayerNormLstm, lstm = recurrent_has_cell(a.kind);
   std::optional<CellNorms<T>> norms;
   std::vector<C> gates_work(lstm ? GH : 0), hh_hat_work(layernorm ? GH : 0), c_hat_work(layernorm ? H : 0);
+  std::vector<C> x_work(layernorm && a.norms.normalise_x ? GH : 0);
   if (layernorm) norms.emplace(a.norms, H);
   for (int64_t r = row_begin; r < row_end; ++r) {
     const bool live = a.lengths == nullptr || a.step < a.lengths[r];
@@ -176,6 +182,12 @@ FASTATTN_INLINE void forward_rows(const RecurrentStepForwardArgs& a, int64_t row
     C* h = std::is_same_v<T, C> ? reinterpret_cast<C*>(h_new) : h_work.data();  // h' straight into h_new
     const C* x = scratch.load(row<T>(a.x, r, a.x_stride), 0, GH);
     const C* hh = scratch.load(row<T>(a.hh, r, GH), 1, GH);
+    if (layernorm && a.norms.normalise_x) {  // x = LN_ih(x)
+      normalise(x, GH, a.norms.eps, x_work.data());
+      const C *w = norms->ih_weight(), *bias = norms->ih_bias();
+      for (int64_t j = 0; j < GH; ++j) x_work[j] = x_work[j] * w[j] + bias[j];
+      x = x_work.data();
+    }
     if (layernorm) {  // pre = x + LN_hh(hh) + b
       C* hh_hat = saved != nullptr ? saved + GH : hh_hat_work.data();
       const C rstd = normalise(hh, GH, a.norms.eps, hh_hat);

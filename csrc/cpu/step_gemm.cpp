@@ -48,34 +48,39 @@ void step_gemm_pack(const float* w, int64_t n, int64_t k, float* packed) {
 namespace {
 
 constexpr int kMaxRows = 8;  // 16 accumulators, plus the two weight vectors and a broadcast
+constexpr int64_t kKBlock = 128;
 
-// C[0..kRows, cols) = A[0..kRows) panel (+ add) for one panel; cols <= 32 valid columns.
+// C[0..kRows, cols) = A[0..kRows) panel (+ add) for one panel; cols <= 32 valid columns. K runs in blocks of
+// kKBlock, each summed in registers and then added to C (the first to add), so that a long K sums as a short chain per
+// block plus one per K / kKBlock (rounding error about that of MKL's blocked sums, not of one chain over all of K).
 template <int kRows>
 FASTATTN_AVX512F void panel_block(const float* a, int64_t lda, const float* panel, int64_t k, const float* add,
                                   int64_t add_ld, float* c, int64_t ldc, int64_t cols) {
-  __m512 lo[kRows], hi[kRows];
-  for (int i = 0; i < kRows; ++i) lo[i] = hi[i] = _mm512_setzero_ps();
-  for (int64_t kk = 0; kk < k; ++kk) {
-    const __m512 w_lo = _mm512_loadu_ps(panel + kk * kStepGemmPanel);
-    const __m512 w_hi = _mm512_loadu_ps(panel + kk * kStepGemmPanel + 16);
-    for (int i = 0; i < kRows; ++i) {
-      const __m512 x = _mm512_set1_ps(a[i * lda + kk]);
-      lo[i] = _mm512_fmadd_ps(x, w_lo, lo[i]);
-      hi[i] = _mm512_fmadd_ps(x, w_hi, hi[i]);
-    }
-  }
   const __mmask16 mask_lo = cols >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << cols) - 1);
   const __mmask16 mask_hi = cols >= 32   ? __mmask16(0xFFFF)
                             : cols <= 16 ? __mmask16(0)
                                          : __mmask16((1u << (cols - 16)) - 1);
-  for (int i = 0; i < kRows; ++i) {
-    if (add != nullptr) {
-      const float* add_row = add + i * add_ld;
-      lo[i] = _mm512_add_ps(lo[i], _mm512_maskz_loadu_ps(mask_lo, add_row));
-      hi[i] = _mm512_add_ps(hi[i], _mm512_maskz_loadu_ps(mask_hi, add_row + 16));
+  for (int64_t k0 = 0; k0 < k || k0 == 0; k0 += kKBlock) {
+    __m512 lo[kRows], hi[kRows];
+    for (int i = 0; i < kRows; ++i) lo[i] = hi[i] = _mm512_setzero_ps();
+    for (int64_t kk = k0; kk < std::min(k, k0 + kKBlock); ++kk) {
+      const __m512 w_lo = _mm512_loadu_ps(panel + kk * kStepGemmPanel);
+      const __m512 w_hi = _mm512_loadu_ps(panel + kk * kStepGemmPanel + 16);
+      for (int i = 0; i < kRows; ++i) {
+        const __m512 x = _mm512_set1_ps(a[i * lda + kk]);
+        lo[i] = _mm512_fmadd_ps(x, w_lo, lo[i]);
+        hi[i] = _mm512_fmadd_ps(x, w_hi, hi[i]);
+      }
     }
-    _mm512_mask_storeu_ps(c + i * ldc, mask_lo, lo[i]);
-    _mm512_mask_storeu_ps(c + i * ldc + 16, mask_hi, hi[i]);
+    for (int i = 0; i < kRows; ++i) {
+      const float* before = k0 > 0 ? c + i * ldc : add == nullptr ? nullptr : add + i * add_ld;
+      if (before != nullptr) {
+        lo[i] = _mm512_add_ps(lo[i], _mm512_maskz_loadu_ps(mask_lo, before));
+        hi[i] = _mm512_add_ps(hi[i], _mm512_maskz_loadu_ps(mask_hi, before + 16));
+      }
+      _mm512_mask_storeu_ps(c + i * ldc, mask_lo, lo[i]);
+      _mm512_mask_storeu_ps(c + i * ldc + 16, mask_hi, hi[i]);
+    }
   }
 }
 

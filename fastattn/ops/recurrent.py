@@ -3,8 +3,9 @@
 :func:`recurrent_layer` runs one direction of one layer over time: the input projections of every step are one
 matmul, then the torch.library op ``fastattn::recurrent`` runs the steps on a kernel backend, each the recurrent
 matmul and one fused pointwise cell kernel (C++ CPU and CUDA: ``csrc/recurrent_driver.h``; Triton:
-``fastattn/triton_kernels/recurrent.py``), and its backward runs through time the same way. Large CPU inference
-runs in one call of fastattn_C's ``recurrent_inference`` instead: a projection matmul per chunk of steps.
+``fastattn/triton_kernels/recurrent.py``), and its backward runs through time the same way. CPU inference in float32
+or float64 runs in one call of fastattn_C's ``recurrent_inference`` instead: a projection matmul per chunk of steps,
+then the steps, the LayerNorm-LSTM's cells applying LN_ih too.
 :func:`recurrent` stacks layers and directions as torch.nn.LSTM / GRU / RNN do, with dropout between layers.
 Semantics, shapes and parameter names are those of :func:`fastattn.reference.recurrent_layer` /
 :func:`fastattn.reference.recurrent`; the ``reference`` backend runs those under autograd.
@@ -28,6 +29,7 @@ KINDS = tuple(reference.RECURRENT_GATES)
 KIND_IDS = {"lstm": 0, "gru": 1, "rnn_tanh": 2, "rnn_relu": 3, "layernorm_lstm": 4}  # the C++ RecurrentKind
 LAYERNORM_LSTM = KIND_IDS["layernorm_lstm"]
 CELL_NORMS = ("norm_hh_weight", "norm_hh_bias", "norm_c_weight", "norm_c_bias")  # normalised inside the cell
+INFERENCE_NORMS = ("norm_ih_weight", "norm_ih_bias", *CELL_NORMS)  # recurrent_inference's cells also apply LN_ih
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 # Inference on the CPU in float32 or float64 runs in one call of fastattn_C's recurrent_inference (less overhead
 # than the op's). When the projection of every step at once would hold 2^23 values or more (32 MiB in float32), it
@@ -308,12 +310,12 @@ def recurrent_layer(
     norms = tuple(w[key] for key in CELL_NORMS) if kind == "layernorm_lstm" else (None,) * 4
     leaves = (x, h0, c0, *w.values())
     save = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in leaves)
-    if not save and name == "cpu" and kind != "layernorm_lstm" and x.dtype in INFERENCE_DTYPES and not compiling():
+    if not save and name == "cpu" and x.dtype in INFERENCE_DTYPES and not compiling():
         large = x.shape[0] * x.shape[1] * w["weight_hh"].shape[0] >= CHUNKED_MIN_VALUES  # the one-shot projection
         steps = max(1, INFERENCE_CHUNK_ROWS // max(1, x.shape[1])) if large else x.shape[0]
         out, h_n, c_n = torch.ops.fastattn_C.recurrent_inference(
             KIND_IDS[kind], x, w["weight_ih"], w["bias_ih"], h0, c0, w["weight_hh"], w["bias_hh"], w["weight_hr"],
-            lengths, reverse, steps,
+            lengths, reverse, steps, *(w[key] for key in INFERENCE_NORMS), eps,
         )  # fmt: skip
         return out, h_n, None if c0 is None else c_n
     x_proj, b_hh = _project(kind, x, w, eps)
