@@ -101,6 +101,9 @@ TORCH_LIBRARY(fastattn_C, m) {
         "Tensor? w_hr, Tensor hstate, Tensor cstate, Tensor saved, Tensor? lengths, bool reverse, "
         "Tensor? norm_hh_weight, Tensor? norm_hh_bias, Tensor? norm_c_weight, Tensor? norm_c_bias) "
         "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // out (M, N) = a (M, K) b (K, N) (+ bias (N,)): the recurrent layers' input projections and their gradient, float32
+  // on the CPU's packed step GEMM (csrc/cpu/step_gemm.h) where it runs, else oneDNN or ATen's addmm. CPU only.
+  m.def("recurrent_matmul(Tensor a, Tensor b, Tensor? bias) -> Tensor");
   // Convolution epilogue (see csrc/conv_epilogue.h): out = maxpool2x2(act(y + bias[c])), the pool optional, with y
   // (N, C, H, W) NCHW (unit stride over W) or NHWC (unit stride over C, W's stride C), in y's dtype; bias None or
   // contiguous (C,) in float32 (float64 for float64 y); activation one of none, relu, gelu, gelu_tanh, silu; pool:

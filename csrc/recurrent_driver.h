@@ -6,7 +6,9 @@
 // through `Cells::prepare(w, batch)` once per call (a device may prepack w) and `Cells::linear(x, w, add, buffer)`
 // = x w^T + add, written into buffer or into a new tensor (either returned); AtenStepLinear is the plain ATen
 // version. Per-step slices are addressed by pointer (step_ptr), not by tensor indexing, to keep the per-step
-// overhead of small, launch-bound problems low.
+// overhead of small, launch-bound problems low. Cells with kRowLoops (the CPU's) may instead run all the steps
+// themselves, each thread on its own rows of the batch (forward_row_loops / backward_row_loops, on the same per-step
+// arguments), when there is no projection.
 //
 // Buffers are in time order. hstate (S + 1, B, P) holds the states: the state before step t is
 // hstate[t + reverse] and after it hstate[t + 1 - reverse], so h0 sits at hstate[S * reverse] and h_n at the
@@ -68,6 +70,7 @@ inline CellNormTensors cell_norms(const std::optional<at::Tensor>& hh_weight, co
 
 // The per-step matmuls on plain ATen: y = x w^T (+ add: (M, N), or a bias (N,)), w (N, K) as given.
 struct AtenStepLinear {
+  static constexpr bool kRowLoops = false;  // see CpuCells (csrc/cpu/recurrent.cpp)
   at::Tensor prepare(const at::Tensor& w, int64_t /*batch*/) const { return w; }
   at::Tensor linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& add, at::Tensor& buffer) const {
     return add.defined() ? at::addmm_out(buffer, add, x, w.t()) : at::mm_out(buffer, x, w.t());
@@ -154,10 +157,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> recurrent_forward_loo
   const at::Tensor &w_hh_p = weights.w_hh, &w_hr_p = weights.w_hr;
   at::Tensor b = b_hh.has_value() && b_hh->defined() ? b_hh->contiguous() : at::Tensor();
   const int64_t* len = lengths.has_value() && lengths->defined() ? lengths->data_ptr<int64_t>() : nullptr;
-  for (int64_t k = 0; k < S; ++k) {
+  // Step k's cell arguments (pointers only; hh is hh_buffer's, which a device's linear may replace).
+  const auto step_args = [&](int64_t k) {
     const int64_t t = reverse ? S - 1 - k : k, before = t + rev, after = t + 1 - rev;
-    const at::Tensor h_prev = hstate[before];
-    const at::Tensor hh = cells.linear(h_prev, w_hh_p, at::Tensor(), hh_buffer);
     RecurrentStepForwardArgs a{};
     a.kind = s.kind;
     a.dtype = dtype_of(x_proj);
@@ -165,9 +167,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> recurrent_forward_loo
     a.hidden = H;
     a.x = step_ptr(x_proj, t);
     a.x_stride = x_proj.stride(1);
-    a.hh = hh.data_ptr();
+    a.hh = hh_buffer.data_ptr();
     a.b_hh = b.defined() ? b.data_ptr() : nullptr;
-    a.h_prev = h_prev.data_ptr();
+    a.h_prev = step_ptr(hstate, before);
     a.c_prev = lstm ? step_ptr(cstate, before) : nullptr;
     a.c_new = lstm ? step_ptr(cstate, after) : nullptr;
     a.h_new = project ? h_pre.data_ptr() : step_ptr(hstate, after);
@@ -178,6 +180,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> recurrent_forward_loo
     a.step = t;
     a.project = project;
     a.norms = norms.args(eps);
+    return a;
+  };
+  if constexpr (Cells::kRowLoops) {
+    if (!project && cells.forward_row_loops(S, w_hh_p, hh_buffer, step_args)) return {out, hstate, cstate, saved};
+  }
+  for (int64_t k = 0; k < S; ++k) {
+    const int64_t t = reverse ? S - 1 - k : k, before = t + rev, after = t + 1 - rev;
+    const at::Tensor h_prev = hstate[before];
+    const at::Tensor hh = cells.linear(h_prev, w_hh_p, at::Tensor(), hh_buffer);  // alive through the cell
+    RecurrentStepForwardArgs a = step_args(k);
+    a.hh = hh.data_ptr();
     cells.forward(a);
     if (project) {
       at::Tensor h_next = hstate[after];
@@ -312,30 +325,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   auto d_hp = project ? at::zeros({S, B, P}, opts) : at::Tensor();
   at::Tensor dh_pre, dh_pre_buffer = project ? at::empty({B, H}, opts) : at::Tensor();
   const int64_t* len = lengths.has_value() && lengths->defined() ? lengths->data_ptr<int64_t>() : nullptr;
-  const auto w_hh_p = cells.prepare(w_hh.t().contiguous(), B);  // dh_prev = d_hh W_hh
-  const auto w_hr_p = project ? cells.prepare(w_hr->t().contiguous(), B) : at::Tensor();
-  for (int64_t k = S - 1; k >= 0; --k) {
+  const auto w_hh_p = cells.prepare(w_hh.t(), B);  // dh_prev = d_hh W_hh
+  const auto w_hr_p = project ? cells.prepare(w_hr->t(), B) : at::Tensor();
+  // Step k's cell arguments (pointers only) but dh, which each loop sets.
+  const auto step_args = [&](int64_t k) {
     const int64_t t = reverse ? S - 1 - k : k, before = t + rev, after = t + 1 - rev;
-    at::Tensor live;
     RecurrentStepBackwardArgs a{};
     a.kind = kind;
     a.dtype = dtype_of(grad_out);
     a.batch = B;
     a.hidden = H;
-    if (project) {  // dh_total = dh + grad_out[t] on live rows; through W_hr to the cell's h
-      at::Tensor dh_total = dh + grad_out[t];
-      if (len != nullptr) {
-        live = lengths->gt(t).unsqueeze(1);
-        dh_total = at::where(live, dh_total, dh);
-      }
-      d_hp[t].copy_(len != nullptr ? dh_total * live : dh_total);
-      dh_pre = cells.linear(dh_total, w_hr_p, at::Tensor(), dh_pre_buffer);
-      dh = dh_total;
-      a.dh = dh_pre.data_ptr();
-    } else {
+    if (!project) {  // with a projection the loop adds grad_out to dh and passes dh on itself
       a.grad_out = step_ptr(grad_out, t);
       a.grad_out_stride = grad_out.stride(1);
-      a.dh = dh.data_ptr();
       a.dh_pass = pass.data_ptr();
     }
     a.dc = lstm ? dc.data_ptr() : nullptr;
@@ -352,6 +354,29 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     a.norms = norms.args(0.0);
     a.lengths = len;
     a.step = t;
+    return a;
+  };
+  bool done = false;  // dh, dc and the per-step gradients complete
+  if constexpr (Cells::kRowLoops) {
+    done = !project && cells.backward_row_loops(S, w_hh_p, dh, pass, step_args);
+  }
+  for (int64_t k = S - 1; k >= 0 && !done; --k) {
+    const int64_t t = reverse ? S - 1 - k : k;
+    RecurrentStepBackwardArgs a = step_args(k);
+    at::Tensor live;
+    if (project) {  // dh_total = dh + grad_out[t] on live rows; through W_hr to the cell's h
+      at::Tensor dh_total = dh + grad_out[t];
+      if (len != nullptr) {
+        live = lengths->gt(t).unsqueeze(1);
+        dh_total = at::where(live, dh_total, dh);
+      }
+      d_hp[t].copy_(len != nullptr ? dh_total * live : dh_total);
+      dh_pre = cells.linear(dh_total, w_hr_p, at::Tensor(), dh_pre_buffer);
+      dh = dh_total;
+      a.dh = dh_pre.data_ptr();
+    } else {
+      a.dh = dh.data_ptr();
+    }
     cells.backward(a);
     if (project) {  // rows not live pass dh_total on untouched
       at::Tensor carry = len != nullptr ? dh * live.logical_not() : at::zeros_like(dh);

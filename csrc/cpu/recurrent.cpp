@@ -3,8 +3,9 @@
 // at::parallel_for. Float32 steps multiply on csrc/cpu/step_gemm.h's AVX-512 kernel with the weight packed once per
 // call; without AVX-512, large float32 steps go through oneDNN with the weight prepacked (ATen's own
 // mkldnn::_reorder_linear_weight and _linear_pointwise ops, about 1.6x MKL's sgemm at LSTM step shapes), and small
-// steps and other dtypes use ATen's mm. recurrent_inference chunks the steps of large inference and adds the input
-// projections (prepacked for oneDNN when large).
+// steps and other dtypes use ATen's mm. With the packed kernel, each thread usually runs every step on its own rows
+// (row_groups). recurrent_inference chunks the steps of large inference and adds the input projections (prepacked
+// for oneDNN when large); recurrent_matmul runs the training path's projections on the packed kernel too.
 #include <ATen/Parallel.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/record_function.h>
@@ -72,17 +73,25 @@ constexpr int64_t kProjectionPrepackMinMacs = int64_t(1) << 28;
 // many multiply-adds each.
 constexpr int64_t kStepGemmMinMacsPerTask = int64_t(1) << 18;
 
-// w (N, K) float32 packed for cpu::step_gemm: (panels, K, kStepGemmPanel).
+// Packing runs on several threads from this many floats per task.
+constexpr int64_t kPackMinValuesPerTask = int64_t(1) << 16;
+// Rows of A per task in a product of many rows (the block stays in L2 while the weight panels pass over it).
+constexpr int64_t kRowBlock = 128;
+
+// w (N, K) float32, any strides, packed for cpu::step_gemm: (panels, K, kStepGemmPanel).
 at::Tensor pack_step_weight(const at::Tensor& w) {
   RECORD_FUNCTION("fastattn_C::pack_step_weight", std::vector<c10::IValue>());  // visible to torch.profiler
-  const at::Tensor dense = w.contiguous();
-  const int64_t n = w.size(0), k = w.size(1);
-  auto packed = at::empty({cpu::step_gemm_panels(n), k, cpu::kStepGemmPanel}, w.options());
-  cpu::step_gemm_pack(dense.data_ptr<float>(), n, k, packed.data_ptr<float>());
+  const int64_t n = w.size(0), k = w.size(1), panels = cpu::step_gemm_panels(n);
+  auto packed = at::empty({panels, k, cpu::kStepGemmPanel}, w.options());
+  const int64_t grain = std::max<int64_t>(1, kPackMinValuesPerTask / std::max<int64_t>(1, k * cpu::kStepGemmPanel));
+  at::parallel_for(0, panels, grain, [&](int64_t begin, int64_t end) {
+    cpu::step_gemm_pack(w.data_ptr<float>(), k, n, w.stride(1), w.stride(0), packed.data_ptr<float>(), begin, end);
+  });
   return packed;
 }
 
-// buffer (M, N) = x (M, K) w^T + add (a bias (N,), (M, N) or undefined), w packed by pack_step_weight.
+// buffer (M, N) = x (M, K) w^T + add (a bias (N,), (M, N) or undefined), w packed by pack_step_weight. The threads
+// split (row block, panel) tasks, a row block's in order, each task at least kStepGemmMinMacsPerTask.
 at::Tensor packed_linear(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& add, at::Tensor& buffer) {
   const int64_t m = x.size(0), k = x.size(1), n = buffer.size(1), panels = packed.size(0);
   TORCH_INTERNAL_ASSERT(packed.size(1) == k && panels == cpu::step_gemm_panels(n) && buffer.size(0) == m &&
@@ -90,25 +99,95 @@ at::Tensor packed_linear(const at::Tensor& x, const at::Tensor& packed, const at
   const at::Tensor a = x.stride(1) == 1 ? x : x.contiguous();
   const at::Tensor b = add.defined() ? add.contiguous() : add;
   const float* add_data = b.defined() ? b.data_ptr<float>() : nullptr;
-  const int64_t add_ld = b.defined() && b.dim() == 2 ? n : 0;
-  const int64_t panel_macs = std::max<int64_t>(1, m * k * cpu::kStepGemmPanel);
-  const int64_t grain = std::max<int64_t>(1, kStepGemmMinMacsPerTask / panel_macs);
-  at::parallel_for(0, panels, grain, [&](int64_t begin, int64_t end) {
-    cpu::step_gemm(a.data_ptr<float>(), a.stride(0), m, packed.data_ptr<float>(), n, k, add_data, add_ld,
-                   buffer.data_ptr<float>(), n, begin, end);
+  const int64_t add_ld = b.defined() && b.dim() == 2 ? n : 0, lda = a.stride(0);
+  const int64_t blocks = (m + kRowBlock - 1) / kRowBlock;
+  const int64_t task_macs = std::max<int64_t>(1, std::min(m, kRowBlock) * k * cpu::kStepGemmPanel);
+  const int64_t grain = std::max<int64_t>(1, kStepGemmMinMacsPerTask / task_macs);
+  at::parallel_for(0, blocks * panels, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end;) {
+      const int64_t block = task / panels, p0 = task % panels, p1 = std::min(panels, p0 + end - task);
+      const int64_t row = block * kRowBlock, rows = std::min(kRowBlock, m - row);
+      cpu::step_gemm(a.data_ptr<float>() + row * lda, lda, rows, packed.data_ptr<float>(), n, k,
+                     add_data == nullptr ? nullptr : add_data + row * add_ld, add_ld,
+                     buffer.data_ptr<float>() + row * n, n, p0, p1);
+      task += p1 - p0;
+    }
   });
   return buffer;
 }
 
+// The rows of a batch never meet in a recurrent layer, so with the packed kernel each thread can run every step on
+// its own group of rows (step GEMM and cell), with no synchronisation between steps. row_groups(B, N, K) says how many
+// groups for steps of B x N x K multiply-adds, or 0 to keep the step-by-step loop (each step's GEMM split over weight
+// panels, its cell over rows; there each thread reads only its panels of W, which may then stay in its L2):
+//  - a group per thread when every thread gets kMinRowsPerGroup rows and either W is small enough to stay in each
+//    thread's L2 or the groups are large enough to repay each thread reading all of W every step;
+//  - one group when a step is small enough for one thread;
+//  - else 0.
+constexpr int64_t kMinRowsPerGroup = 4;
+constexpr int64_t kRowsToShareWeight = 8;
+constexpr int64_t kL2WeightBytes = int64_t(1) << 20;
+constexpr int64_t kSerialStepMaxMacs = int64_t(1) << 19;
+
+int64_t row_groups(int64_t batch, int64_t n, int64_t k) {
+  const int64_t threads = at::in_parallel_region() ? 1 : at::get_num_threads();
+  const int64_t groups = std::clamp<int64_t>(batch / kMinRowsPerGroup, 1, threads);
+  const bool weight_in_l2 = n * k * int64_t(sizeof(float)) <= kL2WeightBytes;
+  if (groups == threads && (weight_in_l2 || batch / groups >= kRowsToShareWeight)) return groups;
+  return batch * n * k <= kSerialStepMaxMacs ? 1 : 0;
+}
+
+// rows(r0, r1) on each of `groups` groups of B rows, a task each; false (nothing run) when groups is 0.
+template <class Rows>
+bool for_row_groups(int64_t B, int64_t groups, const Rows& rows) {
+  if (groups == 0) return false;
+  RECORD_FUNCTION("fastattn_C::recurrent_row_loops", std::vector<c10::IValue>());  // visible to torch.profiler
+  at::parallel_for(0, groups, 1, [&](int64_t g0, int64_t g1) { rows(B * g0 / groups, B * g1 / groups); });
+  return true;
+}
+
 struct CpuCells {
+  static constexpr bool kRowLoops = true;
   static int64_t grain(int64_t kind_width) { return std::max<int64_t>(1, kMinElementsPerTask / kind_width); }
+  // Runs the S forward steps in row groups when w (G*H, H) is packed and row_groups allows; returns whether it did.
+  // step_args(k): step k's cell arguments, hh (B, G*H) the step GEMM's output.
+  template <class StepArgs>
+  bool forward_row_loops(int64_t S, const at::Tensor& w, const at::Tensor& hh, const StepArgs& step_args) const {
+    if (w.dim() != 3 || S == 0) return false;
+    const int64_t B = hh.size(0), N = hh.size(1), K = w.size(1);
+    return for_row_groups(B, row_groups(B, N, K), [&](int64_t r0, int64_t r1) {
+      for (int64_t k = 0; k < S; ++k) {
+        const RecurrentStepForwardArgs a = step_args(k);
+        cpu::step_gemm(static_cast<const float*>(a.h_prev) + r0 * K, K, r1 - r0, w.data_ptr<float>(), N, K, nullptr,
+                       0, hh.data_ptr<float>() + r0 * N, N, 0, w.size(0));
+        recurrent_step_forward_cpu_rows(a, r0, r1);
+      }
+    });
+  }
+  // The backward's steps likewise, w = W_hh^T (H, G*H) packed: dh (B, H) = the gradient reaching h, updated in place
+  // (each step's cell reads it before its GEMM writes dh = d_hh W_hh + pass); pass (B, H) the cells' dh_pass.
+  template <class StepArgs>
+  bool backward_row_loops(int64_t S, const at::Tensor& w, const at::Tensor& dh, const at::Tensor& pass,
+                          const StepArgs& step_args) const {
+    if (w.dim() != 3 || S == 0) return false;
+    const int64_t B = dh.size(0), N = dh.size(1), K = w.size(1);
+    return for_row_groups(B, row_groups(B, N, K), [&](int64_t r0, int64_t r1) {
+      for (int64_t k = S - 1; k >= 0; --k) {
+        RecurrentStepBackwardArgs a = step_args(k);
+        a.dh = dh.data_ptr();
+        recurrent_step_backward_cpu_rows(a, r0, r1);
+        cpu::step_gemm(static_cast<const float*>(a.d_hh) + r0 * K, K, r1 - r0, w.data_ptr<float>(), N, K,
+                       pass.data_ptr<float>() + r0 * N, N, dh.data_ptr<float>() + r0 * N, N, 0, w.size(0));
+      }
+    });
+  }
   // w (N, K) in float32 packed for cpu::step_gemm where the CPU runs it, else prepacked for oneDNN when large enough;
   // otherwise w itself (ATen's mm).
   at::Tensor prepare(const at::Tensor& w, int64_t batch) const {
     if (w.scalar_type() != at::kFloat) return w;
     if (cpu::step_gemm_available()) return pack_step_weight(w);
     const bool large = batch * w.size(0) * w.size(1) >= kOneDnnMinMacs;
-    if (large && OneDnnLinear::get() != nullptr) return OneDnnLinear::get()->prepack(w, batch);
+    if (large && OneDnnLinear::get() != nullptr) return OneDnnLinear::get()->prepack(w.contiguous(), batch);
     return w;
   }
   // w_ih (G*H, I) for input projections of `rows` rows a call, `total` rows in all: as prepare, except that oneDNN
@@ -179,6 +258,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> recurrent_inference_cpu(
                                   CpuCells{});
 }
 
+at::Tensor recurrent_matmul_cpu(const at::Tensor& a, const at::Tensor& b, const std::optional<at::Tensor>& bias) {
+  TORCH_CHECK(a.dim() == 2 && b.dim() == 2 && a.size(1) == b.size(0), "recurrent_matmul: a (M, K) and b (K, N) "
+              "expected, got ", a.sizes(), " and ", b.sizes());
+  TORCH_CHECK(a.scalar_type() == b.scalar_type() && (!data_or_null(bias) || bias->scalar_type() == a.scalar_type()),
+              "recurrent_matmul: a, b and bias must share a dtype");
+  const bool has_bias = data_or_null(bias) != nullptr;
+  TORCH_CHECK(!has_bias || (bias->dim() == 1 && bias->size(0) == b.size(1)), "recurrent_matmul: bias must be (N,) = (",
+              b.size(1), ",), got ", bias->sizes());
+  if (a.scalar_type() == at::kFloat && cpu::step_gemm_available()) {
+    auto out = at::empty({a.size(0), b.size(1)}, a.options());
+    return packed_linear(a, pack_step_weight(b.t()), has_bias ? *bias : at::Tensor(), out);
+  }
+  if (a.scalar_type() == at::kFloat && b.t().is_contiguous() && OneDnnLinear::get() != nullptr) {
+    return OneDnnLinear::get()->linear(a, b.t(), has_bias ? *bias : at::Tensor());
+  }
+  return has_bias ? at::addmm(*bias, a, b) : at::mm(a, b);
+}
+
 }  // namespace
 }  // namespace fastattn
 
@@ -186,4 +283,5 @@ TORCH_LIBRARY_IMPL(fastattn_C, CPU, m) {
   m.impl("recurrent_inference", &fastattn::recurrent_inference_cpu);
   m.impl("recurrent_forward", &fastattn::recurrent_forward_cpu);
   m.impl("recurrent_backward", &fastattn::recurrent_backward_cpu);
+  m.impl("recurrent_matmul", &fastattn::recurrent_matmul_cpu);
 }

@@ -269,6 +269,46 @@ FASTATTN_INLINE void layernorm_lstm_backward_row(const C* dh, const C* dc, const
   normalise_backward(d_hat, hh_hat, rstd_hh, GH, d_hh);
 }
 
+// The plain LSTM's backward on one row: from dh (reaching h', output's included) and dc (reaching c') the gradients
+// of the gate pre-activations d_pre (4H) and of c_prev, dc_prev (may be dc itself: each j reads dc[j] before
+// writing dc_prev[j], hence ivdep rather than __restrict on the two).
+template <class C>
+FASTATTN_INLINE void lstm_backward_row(const C* __restrict dh, const C* dc, const C* __restrict saved,
+                                       const C* __restrict c_prev, const C* __restrict c_new, int64_t H,
+                                       C* __restrict d_pre, C* dc_prev) {
+  const C *si = saved, *sf = si + H, *sg = sf + H, *so = sg + H;
+#pragma GCC ivdep
+  for (int64_t j = 0; j < H; ++j) {
+    const C i = si[j], f = sf[j], g = sg[j], o = so[j];
+    const C tc = tanh_of(c_new[j]);
+    const C dcj = dc[j] + dh[j] * o * (C(1) - tc * tc);
+    d_pre[j] = dcj * g * i * (C(1) - i);
+    d_pre[H + j] = dcj * c_prev[j] * f * (C(1) - f);
+    d_pre[2 * H + j] = dcj * i * (C(1) - g * g);
+    d_pre[3 * H + j] = dh[j] * tc * o * (C(1) - o);
+    dc_prev[j] = dcj * f;
+  }
+}
+
+// The GRU's backward on one row: from dh (reaching h') the gradients of hh (d_hh: r's, z's and n's through r hh_n),
+// of x (d_x: n's before r) and the part of dh that passes to h_prev directly (pass = dh z).
+template <class C>
+FASTATTN_INLINE void gru_backward_row(const C* __restrict dh, const C* __restrict saved, const C* __restrict h_prev,
+                                      int64_t H, C* __restrict d_hh, C* __restrict d_x, C* __restrict pass) {
+  const C *sr = saved, *sz = sr + H, *sn = sz + H, *shn = sn + H;
+  for (int64_t j = 0; j < H; ++j) {
+    const C rr = sr[j], z = sz[j], n = sn[j];
+    const C dn_pre = dh[j] * (C(1) - z) * (C(1) - n * n);
+    const C dr_pre = dn_pre * shn[j] * rr * (C(1) - rr);
+    const C dz_pre = dh[j] * (h_prev[j] - n) * z * (C(1) - z);
+    d_hh[j] = d_x[j] = dr_pre;
+    d_hh[H + j] = d_x[H + j] = dz_pre;
+    d_hh[2 * H + j] = dn_pre * rr;
+    d_x[2 * H + j] = dn_pre;
+    pass[j] = dh[j] * z;
+  }
+}
+
 template <class T>
 FASTATTN_INLINE void backward_rows(const RecurrentStepBackwardArgs& a, int64_t row_begin, int64_t row_end) {
   using C = compute_t<T>;
@@ -311,35 +351,12 @@ FASTATTN_INLINE void backward_rows(const RecurrentStepBackwardArgs& a, int64_t r
                                   dc_work.data(), scratch.output(d_x_row, 4), row<C>(a.d_cn, r, H), dc_prev, d_hh);
       scratch.store(d_x_row, 4, GH);
     } else if (a.kind == RecurrentKind::kLstm) {
-      const C* c_prev = row<C>(a.c_prev, r, H);
-      const C* c_new = row<C>(a.c_new, r, H);
-      const C *si = saved, *sf = si + H, *sg = sf + H, *so = sg + H;
-      for (int64_t j = 0; j < H; ++j) {
-        const C i = si[j], f = sf[j], g = sg[j], o = so[j];
-        const C tc = tanh_of(c_new[j]);
-        const C dcj = dc[j] + dh[j] * o * (C(1) - tc * tc);
-        d_hh[j] = dcj * g * i * (C(1) - i);
-        d_hh[H + j] = dcj * c_prev[j] * f * (C(1) - f);
-        d_hh[2 * H + j] = dcj * i * (C(1) - g * g);
-        d_hh[3 * H + j] = dh[j] * tc * o * (C(1) - o);
-        dc_prev[j] = dcj * f;
-      }
+      lstm_backward_row(dh, dc, saved, row<C>(a.c_prev, r, H), row<C>(a.c_new, r, H), H, d_hh, dc_prev);
     } else if (a.kind == RecurrentKind::kGru) {
       const C* h_prev = scratch.load(row<T>(a.h_prev, r, H), 2, H);
       C* d_x = scratch.output(d_x_row, 4);
       C* pass = scratch.output(pass_row, 5);
-      const C *sr = saved, *sz = sr + H, *sn = sz + H, *shn = sn + H;
-      for (int64_t j = 0; j < H; ++j) {
-        const C rr = sr[j], z = sz[j], n = sn[j];
-        const C dn_pre = dh[j] * (C(1) - z) * (C(1) - n * n);
-        const C dr_pre = dn_pre * shn[j] * rr * (C(1) - rr);
-        const C dz_pre = dh[j] * (h_prev[j] - n) * z * (C(1) - z);
-        d_hh[j] = d_x[j] = dr_pre;
-        d_hh[H + j] = d_x[H + j] = dz_pre;
-        d_hh[2 * H + j] = dn_pre * rr;
-        d_x[2 * H + j] = dn_pre;
-        pass[j] = dh[j] * z;
-      }
+      gru_backward_row(dh, saved, h_prev, H, d_hh, d_x, pass);
       scratch.store(d_x_row, 4, GH);
       scratch.store(pass_row, 5, H);
     } else {

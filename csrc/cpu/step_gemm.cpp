@@ -33,13 +33,22 @@ bool step_gemm_available() {
   return step_gemm_supported() && (setting == nullptr || std::strcmp(setting, "0") != 0);
 }
 
-void step_gemm_pack(const float* w, int64_t n, int64_t k, float* packed) {
-  for (int64_t p = 0; p < step_gemm_panels(n); ++p) {  // each weight row read once, in order
+void step_gemm_pack(const float* b, int64_t k, int64_t n, int64_t k_stride, int64_t n_stride, float* packed,
+                    int64_t panel_begin, int64_t panel_end) {
+  for (int64_t p = panel_begin; p < panel_end; ++p) {
     float* panel = packed + p * k * kStepGemmPanel;
-    for (int64_t j = 0; j < kStepGemmPanel; ++j) {
-      const int64_t col = p * kStepGemmPanel + j;
-      const float* w_row = col < n ? w + col * k : nullptr;
-      for (int64_t kk = 0; kk < k; ++kk) panel[kk * kStepGemmPanel + j] = w_row != nullptr ? w_row[kk] : 0.0f;
+    const int64_t col0 = p * kStepGemmPanel, cols = std::min(kStepGemmPanel, n - col0);
+    if (n_stride == 1) {  // rows of B: each panel row a copy
+      for (int64_t kk = 0; kk < k; ++kk) {
+        float* dst = panel + kk * kStepGemmPanel;
+        std::copy(b + kk * k_stride + col0, b + kk * k_stride + col0 + cols, dst);
+        std::fill(dst + cols, dst + kStepGemmPanel, 0.0f);
+      }
+    } else {  // columns of B (rows of W = B^T) read in order
+      for (int64_t j = 0; j < kStepGemmPanel; ++j) {
+        const float* column = j < cols ? b + (col0 + j) * n_stride : nullptr;
+        for (int64_t kk = 0; kk < k; ++kk) panel[kk * kStepGemmPanel + j] = column ? column[kk * k_stride] : 0.0f;
+      }
     }
   }
 }

@@ -18,8 +18,10 @@ bool step_gemm_available();
 
 inline int64_t step_gemm_panels(int64_t n) { return (n + kStepGemmPanel - 1) / kStepGemmPanel; }
 
-// packed: step_gemm_panels(N) * K * kStepGemmPanel floats.
-void step_gemm_pack(const float* w, int64_t n, int64_t k, float* packed);
+// Panels [panel_begin, panel_end) of packed (step_gemm_panels(N) * K * kStepGemmPanel floats) from B = W^T (K, N) with
+// strides (k_stride, n_stride): W (N, K) row-major is (1, K), a (K, N) row-major B is (N, 1).
+void step_gemm_pack(const float* b, int64_t k, int64_t n, int64_t k_stride, int64_t n_stride, float* packed,
+                    int64_t panel_begin, int64_t panel_end);
 
 // Columns [panel_begin, panel_end) * kStepGemmPanel (up to N) of C = A W^T + add. a: M rows of K, row stride lda
 // (unit stride over K); add: null, a bias (N,) when add_ld is 0, else M rows of N with row stride add_ld; c: row

@@ -191,6 +191,7 @@ def _setup_context(ctx, inputs, output):
     backend, kind, x_proj, h0, c0, w_hh, b_hh, w_hr, lengths, reverse, save, *norms, _eps = inputs
     _, hstate, cstate, saved = output
     ctx.mark_non_differentiable(saved)
+    ctx.set_materialize_grads(False)  # no (S + 1, B, P) zeros for an unused h_n or c_n: _backward takes None
     ctx.backend, ctx.kind, ctx.reverse = backend, kind, reverse
     ctx.has_c0, ctx.has_b_hh = c0 is not None, b_hh is not None
     ctx.save_for_backward(w_hh, w_hr, hstate, cstate, saved, lengths, *norms)
@@ -221,22 +222,16 @@ run_recurrent = EagerOp(recurrent_op, _recurrent, _setup_context, _backward)
 
 
 # ---------------------------------------------------------------------------------------------------------
-# The input projections of every step: one matmul. On the CPU in float32 through ATen's oneDNN linear op
-# (about 1.3x MKL's sgemm at LSTM shapes), which has no autograd formula of its own: _OneDnnLinear gives it one.
+# The input projections of every step: one matmul. On the CPU in float32 through fastattn_C's recurrent_matmul (the
+# packed AVX-512 step GEMM, else oneDNN), which has no autograd formula of its own: _CpuProjection gives it one.
 # ---------------------------------------------------------------------------------------------------------
 
 
-ONEDNN_LINEAR = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
-
-
-def _onednn_linear(x: Tensor, w: Tensor, b: Optional[Tensor]) -> Tensor:
-    return torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")
-
-
-class _OneDnnLinear(torch.autograd.Function):
+class _CpuProjection(torch.autograd.Function):
     @staticmethod
     def forward(x: Tensor, w: Tensor, b: Optional[Tensor]) -> Tensor:
-        return _onednn_linear(x, w, b)
+        out = torch.ops.fastattn_C.recurrent_matmul(x.reshape(-1, w.shape[1]), w.t(), b)
+        return out.view(*x.shape[:-1], w.shape[0])
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -247,7 +242,9 @@ class _OneDnnLinear(torch.autograd.Function):
     def backward(ctx, grad: Tensor):
         x, w = ctx.saved_tensors
         grad_2d = grad.reshape(-1, w.shape[0])
-        grad_x = _onednn_linear(grad, w.t().contiguous(), None) if ctx.needs_input_grad[0] else None
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            grad_x = torch.ops.fastattn_C.recurrent_matmul(grad_2d, w, None).view(x.shape)
         grad_w = grad_2d.t().mm(x.reshape(-1, w.shape[1])) if ctx.needs_input_grad[1] else None
         grad_b = grad_2d.sum(0) if ctx.needs_input_grad[2] else None
         return grad_x, grad_w, grad_b
@@ -255,9 +252,10 @@ class _OneDnnLinear(torch.autograd.Function):
 
 def _input_projection(x: Tensor, w: Tensor, b: Optional[Tensor]) -> Tensor:
     """x (seq, batch, input) -> x w^T + b (seq, batch, G*H)."""
-    # Inductor lowers mkldnn's linear only with a constant (frozen) weight: compiled graphs keep F.linear.
-    if ONEDNN_LINEAR and x.device.type == "cpu" and x.dtype == w.dtype == torch.float32 and not compiling():
-        return _OneDnnLinear.apply(x, w, b)
+    # Compiled graphs keep F.linear, which Inductor lowers itself.
+    cpu_float32 = x.device.type == "cpu" and x.dtype == w.dtype == torch.float32
+    if cpu_float32 and not compiling() and backends.extension()[0] is not None:
+        return _CpuProjection.apply(x, w, b)
     return F.linear(x, w, b)
 
 

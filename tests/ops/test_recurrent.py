@@ -205,6 +205,43 @@ def test_float32_step_matmuls(kind, batch, hidden, proj, path, monkeypatch):
         assert_error_ratio(ours, truth, base, ratio=GRADIENT_RATIO, name="gradient")
 
 
+@pytest.fixture
+def threads():
+    """torch.set_num_threads for one test, restored after it."""
+    before = torch.get_num_threads()
+    yield torch.set_num_threads
+    torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("train", [False, True], ids=["inference", "training"])
+@pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_row_groups_match_the_step_loop(kind, reverse, train, threads, monkeypatch):
+    """With the packed kernel each thread may run every step on its own rows (row groups, here 9 and 10 rows on 2
+    threads: W is small) or every step be split over the threads (on 8 threads a group would get 2 rows, too few):
+    the same arithmetic per row, so the values and the gradients of x, h0 and c0 agree exactly (the weights' sum over
+    rows, in an order that may depend on the threads, to rounding), with lengths, both ways."""
+    use_step_gemm("packed", monkeypatch)
+    problem = make_problem(kind, 5, 19, 8, 192, dtype=torch.float32)
+    lengths = torch.tensor([5, 1, 3, 4] * 4 + [2, 5, 5])
+    results = {}
+    for count in (2, 8):
+        threads(count)
+        with torch.profiler.profile() as prof, torch.set_grad_enabled(train):
+            values = ops.recurrent_layer(kind, *problem, lengths=lengths, reverse=reverse)
+            grads = torch.autograd.grad(sum(v.sum() for v in values if v is not None), leaves(*problem)) if train else ()
+        events = [event.name for event in prof.events()]
+        row_loops = (2 if train else 1) if count == 2 else 0  # the forward's (and the backward's)
+        assert events.count("fastattn_C::recurrent_row_loops") == row_loops
+        results[count] = [t for t in values if t is not None], list(grads)
+    (values, grads), (step_values, step_grads) = results[2], results[8]
+    per_row = 3 if kind in CELLS else 2  # the gradients of x, h0 (, c0) come first
+    for rows, steps in zip(values + grads[:per_row], step_values + step_grads[:per_row], strict=True):
+        assert torch.equal(rows, steps)
+    for rows, steps in zip(grads[per_row:], step_grads[per_row:], strict=True):
+        assert_close(rows, steps, atol=1e-5 * steps.abs().max().item(), name="weight gradient")
+
+
 @pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
 @pytest.mark.parametrize("kind", KINDS)
 def test_inference_in_chunks_of_steps(kind, reverse, monkeypatch):
@@ -388,6 +425,46 @@ def test_inference_op_checks_its_arguments():
         inference(w_ih=w["weight_ih"][:, :-1])
     with pytest.raises(RuntimeError, match="w_ih must have x's dtype"):
         inference(w_ih=w["weight_ih"].float())
+
+
+def strided_like(t, layout):
+    """t (float32) as a tensor of the same values laid out "dense", "transposed" (column-major) or "strided" (every
+    other element of a wider tensor)."""
+    if layout == "transposed":
+        return t.t().contiguous().t()
+    if layout == "strided":
+        return torch.stack([t, torch.full_like(t, float("nan"))], -1)[..., 0]
+    return t
+
+
+@pytest.mark.parametrize("path", ["packed", "fallback"])
+@pytest.mark.parametrize("layout", ["dense", "transposed", "strided"])
+@pytest.mark.parametrize("m, k, n", [(1, 1, 1), (7, 33, 5), (130, 70, 129), (300, 64, 520)], ids=str)
+def test_recurrent_matmul(m, k, n, layout, path, monkeypatch):
+    """fastattn_C's recurrent_matmul (the CPU projections and their input gradient): a (M, K) b (K, N) (+ bias) in
+    every layout of a and b, with row and column tails and several 128-row blocks, within the error-ratio rule of
+    torch's own float32 product."""
+    use_step_gemm(path, monkeypatch)
+    g = torch.Generator().manual_seed(0)
+    a64, b64, bias64 = (torch.randn(*shape, generator=g, dtype=torch.float64) for shape in ((m, k), (k, n), (n,)))
+    a, b, bias = strided_like(a64.float(), layout), strided_like(b64.float(), layout), bias64.float()
+    for with_bias in (False, True):
+        ours = torch.ops.fastattn_C.recurrent_matmul(a, b, bias if with_bias else None)
+        base = torch.addmm(bias, a, b) if with_bias else a @ b
+        assert_error_ratio(ours, a64 @ b64 + (bias64 if with_bias else 0), base)
+
+
+def test_recurrent_matmul_checks_its_arguments():
+    a, b = torch.randn(3, 4), torch.randn(4, 5)
+    matmul = torch.ops.fastattn_C.recurrent_matmul
+    with pytest.raises(RuntimeError, match=r"a \(M, K\) and b \(K, N\) expected"):
+        matmul(a, b[:-1], None)
+    with pytest.raises(RuntimeError, match=r"a \(M, K\) and b \(K, N\) expected"):
+        matmul(a[None], b, None)
+    with pytest.raises(RuntimeError, match="must share a dtype"):
+        matmul(a, b.double(), None)
+    with pytest.raises(RuntimeError, match=r"bias must be \(N,\) = \(5,\)"):
+        matmul(a, b, torch.zeros(4))
 
 
 def test_bad_kind():
