@@ -295,6 +295,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const int64_t GH = w_hh.size(0), H = GH / recurrent_gates(kind), rev = reverse ? 1 : 0;
   TORCH_CHECK(grad_out.stride(2) == 1 && hstate.sizes() == at::IntArrayRef({S + 1, B, P}) && hstate.is_contiguous(),
               "recurrent_backward: grad_out (S, B, P) with unit stride over P and hstate (S + 1, B, P) contiguous");
+  TORCH_CHECK(w_hh.dim() == 2 && w_hh.size(1) == P && GH % recurrent_gates(kind) == 0,
+              "recurrent_backward: w_hh must be (G*H, P) with grad_out's P = ", P, ", got ", w_hh.sizes());
   const int64_t width = recurrent_saved_width(kind, H);
   TORCH_CHECK(width == 0 || (saved.dim() == 3 && saved.size(0) == S),
               "recurrent_backward: the forward did not save its activations (save=False)");

@@ -261,9 +261,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> recurrent_inference_cpu(
 at::Tensor recurrent_matmul_cpu(const at::Tensor& a, const at::Tensor& b, const std::optional<at::Tensor>& bias) {
   TORCH_CHECK(a.dim() == 2 && b.dim() == 2 && a.size(1) == b.size(0), "recurrent_matmul: a (M, K) and b (K, N) "
               "expected, got ", a.sizes(), " and ", b.sizes());
-  TORCH_CHECK(a.scalar_type() == b.scalar_type() && (!data_or_null(bias) || bias->scalar_type() == a.scalar_type()),
+  const bool has_bias = bias.has_value() && bias->defined();
+  TORCH_CHECK(a.scalar_type() == b.scalar_type() && (!has_bias || bias->scalar_type() == a.scalar_type()),
               "recurrent_matmul: a, b and bias must share a dtype");
-  const bool has_bias = data_or_null(bias) != nullptr;
   TORCH_CHECK(!has_bias || (bias->dim() == 1 && bias->size(0) == b.size(1)), "recurrent_matmul: bias must be (N,) = (",
               b.size(1), ",), got ", bias->sizes());
   if (a.scalar_type() == at::kFloat && cpu::step_gemm_available()) {

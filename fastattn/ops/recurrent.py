@@ -230,7 +230,7 @@ run_recurrent = EagerOp(recurrent_op, _recurrent, _setup_context, _backward)
 class _CpuProjection(torch.autograd.Function):
     @staticmethod
     def forward(x: Tensor, w: Tensor, b: Optional[Tensor]) -> Tensor:
-        out = torch.ops.fastattn_C.recurrent_matmul(x.reshape(-1, w.shape[1]), w.t(), b)
+        out = torch.ops.fastattn_C.recurrent_matmul(x.flatten(0, -2), w.t(), b)
         return out.view(*x.shape[:-1], w.shape[0])
 
     @staticmethod
@@ -241,11 +241,11 @@ class _CpuProjection(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor):
         x, w = ctx.saved_tensors
-        grad_2d = grad.reshape(-1, w.shape[0])
+        grad_2d = grad.flatten(0, -2)
         grad_x = None
         if ctx.needs_input_grad[0]:
             grad_x = torch.ops.fastattn_C.recurrent_matmul(grad_2d, w, None).view(x.shape)
-        grad_w = grad_2d.t().mm(x.reshape(-1, w.shape[1])) if ctx.needs_input_grad[1] else None
+        grad_w = grad_2d.t().mm(x.flatten(0, -2)) if ctx.needs_input_grad[1] else None
         grad_b = grad_2d.sum(0) if ctx.needs_input_grad[2] else None
         return grad_x, grad_w, grad_b
 

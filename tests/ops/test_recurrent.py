@@ -391,11 +391,13 @@ def test_backward_checks_what_the_kernels_read():
     out, hstate, cstate, saved = torch.ops.fastattn_C.recurrent_forward(*args, *NO_NORMS)
     w_hh = weights["weight_hh"].detach()
 
-    def backward(cstate=cstate, saved=saved, lengths=None):
+    def backward(cstate=cstate, saved=saved, lengths=None, w_hh=w_hh):
         return torch.ops.fastattn_C.recurrent_backward(0, torch.ones_like(out), None, None, w_hh, None, hstate,
                                                       cstate, saved, lengths, False, None, None, None, None)  # fmt: skip
 
     backward()  # the forward's own outputs pass
+    with pytest.raises(RuntimeError, match=r"w_hh must be \(G\*H, P\) with grad_out's P = 5"):
+        backward(w_hh=torch.randn(20, 40, dtype=w_hh.dtype))
     with pytest.raises(RuntimeError, match="saved must be contiguous"):
         backward(saved=saved[:, :, :-1])
     with pytest.raises(RuntimeError, match="cstate must be contiguous"):
@@ -463,8 +465,9 @@ def test_recurrent_matmul_checks_its_arguments():
         matmul(a[None], b, None)
     with pytest.raises(RuntimeError, match="must share a dtype"):
         matmul(a, b.double(), None)
-    with pytest.raises(RuntimeError, match=r"bias must be \(N,\) = \(5,\)"):
-        matmul(a, b, torch.zeros(4))
+    for bias in (torch.zeros(4), torch.zeros(0)):
+        with pytest.raises(RuntimeError, match=r"bias must be \(N,\) = \(5,\)"):
+            matmul(a, b, bias)
 
 
 def test_bad_kind():
