@@ -49,3 +49,11 @@ def backend_device(request):
         pytest.fail(f"backend {name} should run {device} tensors here but: {reason}")
     with backends.backend(name):
         yield name, torch.device(device)
+
+
+@pytest.fixture
+def set_threads():
+    """torch.set_num_threads for one test; the thread count before it is restored after it."""
+    before = torch.get_num_threads()
+    yield torch.set_num_threads
+    torch.set_num_threads(before)

@@ -151,7 +151,7 @@ def test_backward(backend_device, case, dtype):
 
 
 @pytest.mark.parametrize("threads", [1, 64])
-def test_cpu_backward_schemes(threads):
+def test_cpu_backward_schemes(threads, set_threads):
     """The C++ backward fuses dQ into the dK/dV pass when (batch x kv heads) tasks are plenty for the threads
     (1 thread here) and runs two passes otherwise (64): both against the float64 truth."""
     case = Case(batch=2, heads=4, kv_heads=2, seq_q=70, seq_k=90, head_dim=40, causal=True, mask="bool")
@@ -162,13 +162,9 @@ def test_cpu_backward_schemes(threads):
         tensors = [t.detach().requires_grad_() for t in tensors]
         return torch.autograd.grad(fn(*tensors), tensors, grad.to(tensors[0].dtype))
 
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        with fastattn.backend("cpu"):
-            ours = grads(lambda *t: fastattn.attention(*t, **kwargs), (q, k, v))
-    finally:
-        torch.set_num_threads(before)
+    set_threads(threads)
+    with fastattn.backend("cpu"):
+        ours = grads(lambda *t: fastattn.attention(*t, **kwargs), (q, k, v))
     truth = grads(lambda *t: reference_call(*t, kwargs)[0], [t.double() for t in (q, k, v)])
     baseline = grads(lambda *t: reference_call(*t, kwargs, upcast=False)[0], (q, k, v))
     for arg, mine, true, base in zip("qkv", ours, truth, baseline):

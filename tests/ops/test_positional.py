@@ -359,19 +359,15 @@ def test_embedding_public_function(backend_device):
     assert_close(out, expected.double(), atol=1e-6)
 
 
-def test_embedding_scatter_is_deterministic_on_cpu():
+def test_embedding_scatter_is_deterministic_on_cpu(set_threads):
     """The CPU scatter sums each table row in entry order: the same bits for any number of threads."""
     grad = torch.randn(5000, 64)
     index = torch.randint(0, 7, (5000,))
-    threads = torch.get_num_threads()
-    try:
-        results = []
-        for n in (1, 2, 3):
-            torch.set_num_threads(n)
-            with fastattn.backend("cpu"):
-                results.append(ops.embedding_scatter_op(grad, index, 7, 1.0, -1))
-    finally:
-        torch.set_num_threads(threads)
+    results = []
+    for n in (1, 2, 3):
+        set_threads(n)
+        with fastattn.backend("cpu"):
+            results.append(ops.embedding_scatter_op(grad, index, 7, 1.0, -1))
     assert all(torch.equal(results[0], r) for r in results[1:])
     assert_close(results[0], reference.embedding_scatter(grad.double(), index, 7), atol=1e-4)
 

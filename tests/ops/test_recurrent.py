@@ -205,18 +205,10 @@ def test_float32_step_matmuls(kind, batch, hidden, proj, path, monkeypatch):
         assert_error_ratio(ours, truth, base, ratio=GRADIENT_RATIO, name="gradient")
 
 
-@pytest.fixture
-def threads():
-    """torch.set_num_threads for one test, restored after it."""
-    before = torch.get_num_threads()
-    yield torch.set_num_threads
-    torch.set_num_threads(before)
-
-
 @pytest.mark.parametrize("train", [False, True], ids=["inference", "training"])
 @pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
 @pytest.mark.parametrize("kind", KINDS)
-def test_row_groups_match_the_step_loop(kind, reverse, train, threads, monkeypatch):
+def test_row_groups_match_the_step_loop(kind, reverse, train, set_threads, monkeypatch):
     """With the packed kernel each thread may run every step on its own rows (row groups, here 9 and 10 rows on 2
     threads: W is small) or every step be split over the threads (on 8 threads a group would get 2 rows, too few):
     the same arithmetic per row, so the values and the gradients of x, h0 and c0 agree exactly (the weights' sum over
@@ -226,10 +218,11 @@ def test_row_groups_match_the_step_loop(kind, reverse, train, threads, monkeypat
     lengths = torch.tensor([5, 1, 3, 4] * 4 + [2, 5, 5])
     results = {}
     for count in (2, 8):
-        threads(count)
+        set_threads(count)
         with torch.profiler.profile() as prof, torch.set_grad_enabled(train):
             values = ops.recurrent_layer(kind, *problem, lengths=lengths, reverse=reverse)
-            grads = torch.autograd.grad(sum(v.sum() for v in values if v is not None), leaves(*problem)) if train else ()
+            loss = sum(v.sum() for v in values if v is not None)
+            grads = torch.autograd.grad(loss, leaves(*problem)) if train else ()
         events = [event.name for event in prof.events()]
         row_loops = (2 if train else 1) if count == 2 else 0  # the forward's (and the backward's)
         assert events.count("fastattn_C::recurrent_row_loops") == row_loops
