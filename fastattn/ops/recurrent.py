@@ -13,6 +13,7 @@ Semantics, shapes and parameter names are those of :func:`fastattn.reference.rec
 
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
@@ -222,6 +223,31 @@ run_recurrent = EagerOp(recurrent_op, _recurrent, _setup_context, _backward)
 
 
 # ---------------------------------------------------------------------------------------------------------
+# fastattn_C's CPU-only ops that the layers call directly rather than through a fastattn:: op. Their fake kernels,
+# registered on first use, let fake tensors (FakeTensorMode) pass through them.
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _recurrent_matmul_fake(a: Tensor, b: Tensor, bias: Optional[Tensor]) -> Tensor:
+    return a.new_empty(a.shape[0], b.shape[1])
+
+
+def _recurrent_inference_fake(kind: int, x: Tensor, w_ih: Tensor, b_ih, h0: Tensor, c0, w_hh: Tensor, *_):
+    """(out (S, B, P), h_n (B, P), c_n (B, H) for the LSTMs, else empty (0,))."""
+    gates = reference.RECURRENT_GATES[KINDS[kind]]
+    cell = x.new_empty(x.shape[1], w_hh.shape[0] // gates) if gates == 4 else x.new_empty(0)
+    return x.new_empty(*x.shape[:2], w_hh.shape[1]), x.new_empty(x.shape[1], w_hh.shape[1]), cell
+
+
+@functools.cache
+def _cpu_ops():
+    """torch.ops.fastattn_C, with the fake kernels above registered."""
+    torch.library.register_fake("fastattn_C::recurrent_matmul", _recurrent_matmul_fake)
+    torch.library.register_fake("fastattn_C::recurrent_inference", _recurrent_inference_fake)
+    return torch.ops.fastattn_C
+
+
+# ---------------------------------------------------------------------------------------------------------
 # The input projections of every step: one matmul. On the CPU in float32 through fastattn_C's recurrent_matmul (the
 # packed AVX-512 step GEMM, else oneDNN), which has no autograd formula of its own: _CpuProjection gives it one.
 # ---------------------------------------------------------------------------------------------------------
@@ -230,7 +256,7 @@ run_recurrent = EagerOp(recurrent_op, _recurrent, _setup_context, _backward)
 class _CpuProjection(torch.autograd.Function):
     @staticmethod
     def forward(x: Tensor, w: Tensor, b: Optional[Tensor]) -> Tensor:
-        out = torch.ops.fastattn_C.recurrent_matmul(x.flatten(0, -2), w.t(), b)
+        out = _cpu_ops().recurrent_matmul(x.flatten(0, -2), w.t(), b)
         return out.view(*x.shape[:-1], w.shape[0])
 
     @staticmethod
@@ -244,7 +270,7 @@ class _CpuProjection(torch.autograd.Function):
         grad_2d = grad.flatten(0, -2)
         grad_x = None
         if ctx.needs_input_grad[0]:
-            grad_x = torch.ops.fastattn_C.recurrent_matmul(grad_2d, w, None).view(x.shape)
+            grad_x = _cpu_ops().recurrent_matmul(grad_2d, w, None).view(x.shape)
         grad_w = grad_2d.t().mm(x.flatten(0, -2)) if ctx.needs_input_grad[1] else None
         grad_b = grad_2d.sum(0) if ctx.needs_input_grad[2] else None
         return grad_x, grad_w, grad_b
@@ -311,7 +337,7 @@ def recurrent_layer(
     if not save and name == "cpu" and x.dtype in INFERENCE_DTYPES and not compiling():
         large = x.shape[0] * x.shape[1] * w["weight_hh"].shape[0] >= CHUNKED_MIN_VALUES  # the one-shot projection
         steps = max(1, INFERENCE_CHUNK_ROWS // max(1, x.shape[1])) if large else x.shape[0]
-        out, h_n, c_n = torch.ops.fastattn_C.recurrent_inference(
+        out, h_n, c_n = _cpu_ops().recurrent_inference(
             KIND_IDS[kind], x, w["weight_ih"], w["bias_ih"], h0, c0, w["weight_hh"], w["bias_hh"], w["weight_hr"],
             lengths, reverse, steps, *(w[key] for key in INFERENCE_NORMS), eps,
         )  # fmt: skip

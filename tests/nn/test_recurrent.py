@@ -6,6 +6,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 import fastattn
@@ -154,6 +155,26 @@ def test_the_fused_kernel_runs(kind):
     with fastattn.record() as calls:
         ours(x, hx)
     assert [(c.op, c.backend) for c in calls] == [("recurrent", "cpu")]
+
+
+@pytest.mark.parametrize("train", [False, True], ids=["inference", "training"])
+@pytest.mark.parametrize("kind", [*sorted(KINDS), "layernorm_lstm"])
+def test_fake_tensors_pass_through(kind, train):
+    """Under FakeTensorMode (shape propagation, export) the layers give the shapes of a real call: in float32 the CPU
+    inference op and the projection matmul the layers call directly need fake kernels of their own."""
+    config = dict(num_layers=2, bidirectional=True, dtype=torch.float32)
+    ln = kind == "layernorm_lstm"
+    module = fastattn.LayerNormLSTM(INPUT, HIDDEN, **config) if ln else make_pair(kind, **config)[0]
+    module.train(train)
+    x = torch.randn(6, 3, INPUT, requires_grad=train)
+    with torch.set_grad_enabled(train):
+        real = flat(module(x))
+        with FakeTensorMode(allow_non_fake_inputs=True):
+            fake = flat(module(x))
+            grads = torch.autograd.grad(fake[0].sum(), [x, *module.parameters()]) if train else ()
+    assert all(isinstance(t, FakeTensor) for t in fake)
+    assert [t.shape for t in fake] == [t.shape for t in real]
+    assert [g.shape for g in grads] == ([x.shape, *(p.shape for p in module.parameters())] if train else [])
 
 
 @pytest.mark.parametrize("kind", sorted(KINDS))
