@@ -15,6 +15,10 @@
 #include <optional>
 #include <string_view>
 
+#if defined(_OPENMP)
+#include <omp.h>
+#endif
+
 #include "../recurrent_driver.h"
 #include "recurrent_kernel.h"
 #include "step_gemm.h"
@@ -128,6 +132,9 @@ constexpr int64_t kMinRowsPerGroup = 4;
 constexpr int64_t kRowsToShareWeight = 8;
 constexpr int64_t kL2WeightBytes = int64_t(1) << 20;
 constexpr int64_t kSerialStepMaxMacs = int64_t(1) << 19;
+// Forward steps of more multiply-adds than this split their hidden units over the threads (one barrier a step) when
+// row groups do not: W_hh's panels then also split between the threads' caches.
+constexpr int64_t kUnitStepMinMacs = int64_t(1) << 14;
 
 int64_t row_groups(int64_t batch, int64_t n, int64_t k) {
   const int64_t threads = at::in_parallel_region() ? 1 : at::get_num_threads();
@@ -151,11 +158,14 @@ struct CpuCells {
   static int64_t grain(int64_t kind_width) { return std::max<int64_t>(1, kMinElementsPerTask / kind_width); }
   // Runs the S forward steps in row groups when w (G*H, H) is packed and row_groups allows; returns whether it did.
   // step_args(k): step k's cell arguments, hh (B, G*H) the step GEMM's output.
+  // Where the threads cannot each take a row group, steps above kUnitStepMinMacs run in unit groups instead
+  // (forward_unit_loops) when they can.
   template <class StepArgs>
   bool forward_row_loops(int64_t S, const at::Tensor& w, const at::Tensor& hh, const StepArgs& step_args) const {
     if (w.dim() != 3 || S == 0) return false;
-    const int64_t B = hh.size(0), N = hh.size(1), K = w.size(1);
-    return for_row_groups(B, row_groups(B, N, K), [&](int64_t r0, int64_t r1) {
+    const int64_t B = hh.size(0), N = hh.size(1), K = w.size(1), groups = row_groups(B, N, K);
+    if (groups <= 1 && B * N * K > kUnitStepMinMacs && forward_unit_loops(S, w, hh, step_args)) return true;
+    return for_row_groups(B, groups, [&](int64_t r0, int64_t r1) {
       for (int64_t k = 0; k < S; ++k) {
         const RecurrentStepForwardArgs a = step_args(k);
         cpu::step_gemm(static_cast<const float*>(a.h_prev) + r0 * K, K, r1 - r0, w.data_ptr<float>(), N, K, nullptr,
@@ -163,6 +173,40 @@ struct CpuCells {
         recurrent_step_forward_cpu_rows(a, r0, r1);
       }
     });
+  }
+  // The S forward steps with each thread on its own hidden units: per step, the columns of every gate for them (the
+  // step GEMM's panels of those units), then their cell; one barrier a step, as the next step's GEMM reads all of h.
+  // For batches too small for row groups; needs the gates' units to start at panels (H a multiple of the panel width),
+  // cells that split over units (not the LayerNorm-LSTM's) and OpenMP (the barrier). Returns whether it ran.
+  template <class StepArgs>
+  bool forward_unit_loops(int64_t S, const at::Tensor& w, const at::Tensor& hh, const StepArgs& step_args) const {
+#if defined(_OPENMP)
+    const RecurrentStepForwardArgs first = step_args(0);
+    const int64_t B = hh.size(0), GH = hh.size(1), K = w.size(1), H = first.hidden, gates = GH / H;
+    const int64_t panels = H / cpu::kStepGemmPanel;  // of each gate
+    const int64_t threads = std::min<int64_t>(panels, at::in_parallel_region() ? 1 : at::get_num_threads());
+    if (first.kind == RecurrentKind::kLayerNormLstm || H % cpu::kStepGemmPanel != 0 || threads < 2) return false;
+    RECORD_FUNCTION("fastattn_C::recurrent_unit_loops", std::vector<c10::IValue>());  // visible to torch.profiler
+    const float* weight = w.data_ptr<float>();
+    float* out = hh.data_ptr<float>();
+#pragma omp parallel num_threads(threads)
+    {
+      const int64_t team = omp_get_num_threads(), p0 = panels * omp_get_thread_num() / team;
+      const int64_t p1 = panels * (omp_get_thread_num() + 1) / team;
+      for (int64_t k = 0; k < S; ++k) {
+        const RecurrentStepForwardArgs a = step_args(k);
+        for (int64_t g = 0; g < gates; ++g) {
+          cpu::step_gemm(static_cast<const float*>(a.h_prev), K, B, weight, GH, K, nullptr, 0, out, GH,
+                         g * panels + p0, g * panels + p1);
+        }
+        recurrent_step_forward_cpu_units(a, 0, B, p0 * cpu::kStepGemmPanel, p1 * cpu::kStepGemmPanel);
+#pragma omp barrier
+      }
+    }
+    return true;
+#else
+    return false;
+#endif
   }
   // The backward's steps likewise, w = W_hh^T (H, G*H) packed: dh (B, H) = the gradient reaching h, updated in place
   // (each step's cell reads it before its GEMM writes dh = d_hh W_hh + pass); pass (B, H) the cells' dh_pass.

@@ -110,13 +110,13 @@ FASTATTN_INLINE void affine_sum(const C* __restrict x, const C* __restrict hat, 
   }
 }
 
-// The LSTM cell on one row: pre(k) is gate pre-activation k < 4H (gates i, f, g, o). c' goes to c_new, with kWithH
-// h' = s(o) tanh(c') to h, with kKeepGates the activated gates to gates (4H). One branch-free loop, so that it
-// vectorises.
+// The LSTM cell on hidden units [j0, j1) of one row: pre(k) is gate pre-activation k < 4H (gates i, f, g, o). c'
+// goes to c_new, with kWithH h' = s(o) tanh(c') to h, with kKeepGates the activated gates to gates (4H). One
+// branch-free loop, so that it vectorises.
 template <bool kWithH, bool kKeepGates, class C, class Pre>
-FASTATTN_INLINE void lstm_cell_row(const Pre& pre, const C* __restrict c_prev, int64_t H, C* __restrict gates,
-                                   C* __restrict c_new, C* __restrict h) {
-  for (int64_t j = 0; j < H; ++j) {
+FASTATTN_INLINE void lstm_cell_row(const Pre& pre, const C* __restrict c_prev, int64_t H, int64_t j0, int64_t j1,
+                                   C* __restrict gates, C* __restrict c_new, C* __restrict h) {
+  for (int64_t j = j0; j < j1; ++j) {
     const C i = sigmoid_of(pre(j)), f = sigmoid_of(pre(H + j)), g = tanh_of(pre(2 * H + j));
     const C o = sigmoid_of(pre(3 * H + j));
     const C c = f * c_prev[j] + i * g;
@@ -131,19 +131,19 @@ FASTATTN_INLINE void lstm_cell_row(const Pre& pre, const C* __restrict c_prev, i
   }
 }
 
-// The plain LSTM's cell on x + hh (+ b), gates kept when `gates` is not null.
+// The plain LSTM's cell on x + hh (+ b), units [j0, j1), gates kept when `gates` is not null.
 template <class C>
 FASTATTN_INLINE void lstm_row(const C* __restrict x, const C* __restrict hh, const C* __restrict b,
-                              const C* __restrict c_prev, int64_t H, C* __restrict gates, C* __restrict c_new,
-                              C* __restrict h) {
+                              const C* __restrict c_prev, int64_t H, int64_t j0, int64_t j1, C* __restrict gates,
+                              C* __restrict c_new, C* __restrict h) {
   const auto with_b = [&](int64_t k) FASTATTN_INLINE_LAMBDA { return x[k] + hh[k] + b[k]; };
   const auto without_b = [&](int64_t k) FASTATTN_INLINE_LAMBDA { return x[k] + hh[k]; };
   if (gates != nullptr) {
-    b != nullptr ? lstm_cell_row<true, true>(with_b, c_prev, H, gates, c_new, h)
-                 : lstm_cell_row<true, true>(without_b, c_prev, H, gates, c_new, h);
+    b != nullptr ? lstm_cell_row<true, true>(with_b, c_prev, H, j0, j1, gates, c_new, h)
+                 : lstm_cell_row<true, true>(without_b, c_prev, H, j0, j1, gates, c_new, h);
   } else {
-    b != nullptr ? lstm_cell_row<true, false>(with_b, c_prev, H, gates, c_new, h)
-                 : lstm_cell_row<true, false>(without_b, c_prev, H, gates, c_new, h);
+    b != nullptr ? lstm_cell_row<true, false>(with_b, c_prev, H, j0, j1, gates, c_new, h)
+                 : lstm_cell_row<true, false>(without_b, c_prev, H, j0, j1, gates, c_new, h);
   }
 }
 
@@ -151,10 +151,12 @@ FASTATTN_INLINE void lstm_row(const C* __restrict x, const C* __restrict hh, con
 // Forward.
 // ---------------------------------------------------------------------------------------------------------
 
+// Rows [row_begin, row_end), hidden units [j0, j1) of them (all H for the LayerNorm-LSTM, whose norms span the row).
 template <class T>
-FASTATTN_INLINE void forward_rows(const RecurrentStepForwardArgs& a, int64_t row_begin, int64_t row_end) {
+FASTATTN_INLINE void forward_rows(const RecurrentStepForwardArgs& a, int64_t row_begin, int64_t row_end, int64_t j0,
+                                  int64_t j1) {
   using C = compute_t<T>;
-  const int64_t H = a.hidden, G = gates_of(a.kind), GH = G * H;
+  const int64_t H = a.hidden, G = gates_of(a.kind), GH = G * H, n = j1 - j0, width = recurrent_saved_width(a.kind, H);
   // Slots: 0 x, 1 hh, 2 b_hh, 3 h_prev, 4 h out; plus compute-type work rows (pre-activations, h).
   SlotStage<T> scratch(GH, 5);
   std::vector<C> pre(GH), h_work(H);
@@ -170,15 +172,17 @@ FASTATTN_INLINE void forward_rows(const RecurrentStepForwardArgs& a, int64_t row
     T* out = row<T>(a.out, r, a.out_stride);
     C* c_new = row<C>(a.c_new, r, H);
     const C* c_prev = row<C>(a.c_prev, r, H);
+    C* saved = row<C>(a.saved, r, width);
     if (!live) {  // the state carries over, the output is 0
-      if (c_new != nullptr) std::copy(c_prev, c_prev + H, c_new);
-      if (!a.project) std::copy(row<T>(a.h_prev, r, H), row<T>(a.h_prev, r, H) + H, h_new);
-      if (out != nullptr) std::fill(out, out + H, T(0));
-      C* saved = row<C>(a.saved, r, recurrent_saved_width(a.kind, H));
-      if (saved != nullptr) std::fill(saved, saved + recurrent_saved_width(a.kind, H), C(0));
+      if (c_new != nullptr) std::copy(c_prev + j0, c_prev + j1, c_new + j0);
+      if (!a.project) std::copy(row<T>(a.h_prev, r, H) + j0, row<T>(a.h_prev, r, H) + j1, h_new + j0);
+      if (out != nullptr) std::fill(out + j0, out + j1, T(0));
+      if (saved != nullptr) {  // the units of each H-wide block, and the LayerNorm-LSTM's two rstd (all units)
+        for (int64_t g = 0; g < width / H; ++g) std::fill(saved + g * H + j0, saved + g * H + j1, C(0));
+        std::fill(saved + width / H * H, saved + width, C(0));
+      }
       continue;
     }
-    C* saved = row<C>(a.saved, r, recurrent_saved_width(a.kind, H));
     C* h = std::is_same_v<T, C> ? reinterpret_cast<C*>(h_new) : h_work.data();  // h' straight into h_new
     const C* x = scratch.load(row<T>(a.x, r, a.x_stride), 0, GH);
     const C* hh = scratch.load(row<T>(a.hh, r, GH), 1, GH);
@@ -194,14 +198,18 @@ FASTATTN_INLINE void forward_rows(const RecurrentStepForwardArgs& a, int64_t row
       if (saved != nullptr) saved[2 * GH + H] = rstd;
       affine_sum(x, hh_hat, norms->hh_weight(), norms->hh_bias(), b, pre.data(), GH);
     } else if (a.kind != RecurrentKind::kLstm) {
-      sum3(x, hh, b, pre.data(), a.kind == RecurrentKind::kGru ? 2 * H : GH);
+      for (int64_t g = 0; g < (a.kind == RecurrentKind::kGru ? 2 : 1); ++g) {  // GRU: r and z; RNN: the one gate
+        const int64_t at = g * H + j0;
+        sum3(x + at, hh + at, b == nullptr ? nullptr : b + at, pre.data() + at, n);
+      }
     }
     if (a.kind == RecurrentKind::kLstm) {
-      lstm_row(x, hh, b, c_prev, H, saved, c_new, h);
+      lstm_row(x, hh, b, c_prev, H, j0, j1, saved, c_new, h);
     } else if (layernorm) {
       C* gates = saved != nullptr ? saved : gates_work.data();
       const C* p = pre.data();
-      lstm_cell_row<false, true>([p](int64_t k) FASTATTN_INLINE_LAMBDA { return p[k]; }, c_prev, H, gates, c_new, h);
+      lstm_cell_row<false, true>([p](int64_t k) FASTATTN_INLINE_LAMBDA { return p[k]; }, c_prev, H, 0, H, gates, c_new,
+                                 h);
       // h = o tanh(LN_c(c'))
       C* c_hat = saved != nullptr ? saved + 2 * GH : c_hat_work.data();
       const C rstd = normalise(c_new, H, a.norms.eps, c_hat);
@@ -213,7 +221,7 @@ FASTATTN_INLINE void forward_rows(const RecurrentStepForwardArgs& a, int64_t row
       const C* hh_n = scratch.load(row<T>(a.hh, r, GH), 1, GH) + 2 * H;
       const C* b_n = b == nullptr ? nullptr : b + 2 * H;
       const C* h_prev = scratch.load(row<T>(a.h_prev, r, H), 3, H);
-      for (int64_t j = 0; j < H; ++j) {
+      for (int64_t j = j0; j < j1; ++j) {
         const C rr = sigmoid_of(pre[j]), z = sigmoid_of(pre[H + j]);
         const C hn = hh_n[j] + (b_n == nullptr ? C(0) : b_n[j]);
         const C n = tanh_of(x_n[j] + rr * hn);
@@ -226,12 +234,12 @@ FASTATTN_INLINE void forward_rows(const RecurrentStepForwardArgs& a, int64_t row
         }
       }
     } else if (a.kind == RecurrentKind::kRnnTanh) {
-      for (int64_t j = 0; j < H; ++j) h[j] = tanh_of(pre[j]);
+      for (int64_t j = j0; j < j1; ++j) h[j] = tanh_of(pre[j]);
     } else {
-      for (int64_t j = 0; j < H; ++j) h[j] = std::max(pre[j], C(0));
+      for (int64_t j = j0; j < j1; ++j) h[j] = std::max(pre[j], C(0));
     }
-    if constexpr (!std::is_same_v<T, C>) convert_row(h, h_new, H);
-    if (out != nullptr) std::copy(h_new, h_new + H, out);
+    if constexpr (!std::is_same_v<T, C>) convert_row(h + j0, h_new + j0, n);
+    if (out != nullptr) std::copy(h_new + j0, h_new + j1, out + j0);
   }
 }
 
@@ -374,8 +382,9 @@ FASTATTN_INLINE void backward_rows(const RecurrentStepBackwardArgs& a, int64_t r
 
 // Non-template entry points, one pair per dtype: target_clones needs plain functions.
 #define FASTATTN_DEFINE_ENTRY_POINTS(T, name)                                                                \
-  FASTATTN_TARGET_CLONES void forward_##name(const RecurrentStepForwardArgs& a, int64_t begin, int64_t end) {   \
-    forward_rows<T>(a, begin, end);                                                                          \
+  FASTATTN_TARGET_CLONES void forward_##name(const RecurrentStepForwardArgs& a, int64_t begin, int64_t end,      \
+                                              int64_t j0, int64_t j1) {                                      \
+    forward_rows<T>(a, begin, end, j0, j1);                                                                  \
   }                                                                                                          \
   FASTATTN_TARGET_CLONES void backward_##name(const RecurrentStepBackwardArgs& a, int64_t begin, int64_t end) { \
     backward_rows<T>(a, begin, end);                                                                         \
@@ -390,11 +399,16 @@ FASTATTN_DEFINE_ENTRY_POINTS(double, double)
 }  // namespace
 
 void recurrent_step_forward_cpu_rows(const RecurrentStepForwardArgs& args, int64_t row_begin, int64_t row_end) {
+  recurrent_step_forward_cpu_units(args, row_begin, row_end, 0, args.hidden);
+}
+
+void recurrent_step_forward_cpu_units(const RecurrentStepForwardArgs& args, int64_t row_begin, int64_t row_end,
+                                      int64_t unit_begin, int64_t unit_end) {
   switch (args.dtype) {
-    case Dtype::kHalf: return forward_half(args, row_begin, row_end);
-    case Dtype::kBFloat16: return forward_bfloat16(args, row_begin, row_end);
-    case Dtype::kFloat: return forward_float(args, row_begin, row_end);
-    case Dtype::kDouble: return forward_double(args, row_begin, row_end);
+    case Dtype::kHalf: return forward_half(args, row_begin, row_end, unit_begin, unit_end);
+    case Dtype::kBFloat16: return forward_bfloat16(args, row_begin, row_end, unit_begin, unit_end);
+    case Dtype::kFloat: return forward_float(args, row_begin, row_end, unit_begin, unit_end);
+    case Dtype::kDouble: return forward_double(args, row_begin, row_end, unit_begin, unit_end);
   }
 }
 

@@ -11,6 +11,12 @@ namespace fastattn {
 // values). Writes only those rows, so disjoint ranges may run on different threads.
 void recurrent_step_forward_cpu_rows(const RecurrentStepForwardArgs& args, int64_t row_begin, int64_t row_end);
 
+// The same for hidden units [unit_begin, unit_end) of those rows (of every gate): writes only those units of h, c,
+// out and saved, so disjoint unit ranges may run on different threads. All H units for the LayerNorm-LSTM, whose
+// norms span the row.
+void recurrent_step_forward_cpu_units(const RecurrentStepForwardArgs& args, int64_t row_begin, int64_t row_end,
+                                      int64_t unit_begin, int64_t unit_end);
+
 // The gradients of one step's pointwise part for rows [row_begin, row_end).
 void recurrent_step_backward_cpu_rows(const RecurrentStepBackwardArgs& args, int64_t row_begin, int64_t row_end);
 

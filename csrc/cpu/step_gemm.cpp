@@ -1,6 +1,6 @@
 // The recurrent steps' small float32 GEMM (csrc/cpu/step_gemm.h): a register-blocked AVX-512 micro-kernel, kRows rows
 // x 32 columns of C accumulated over K in 2 x kRows zmm registers, one packed weight panel at a time (it stays in L1
-// or L2 while every row block of A passes over it).
+// or L2 while every row block of A passes over it); fewer than 4 rows take 2 or 4 panels at a time.
 #include "step_gemm.h"
 
 #include <algorithm>
@@ -63,47 +63,55 @@ void step_gemm_pack(const float* b, int64_t k, int64_t n, int64_t k_stride, int6
 namespace {
 
 constexpr int kMaxRows = 8;  // 16 accumulators, plus the two weight vectors and a broadcast
+constexpr int kWideMaxRows = 3;  // blocks of fewer rows run several panels at once
 constexpr int64_t kKBlock = 128;
 
-// C[0..kRows, cols) = A[0..kRows) panel (+ add) for one panel; cols <= 32 valid columns. K runs in blocks of
-// kKBlock, each summed in registers and then added to C (the first to add), so that a long K sums as a short chain per
-// block plus one per K / kKBlock (rounding error about that of MKL's blocked sums, not of one chain over all of K).
-template <int kRows>
-FASTATTN_AVX512F void panel_block(const float* a, int64_t lda, const float* panel, int64_t k, const float* add,
-                                  int64_t add_ld, float* c, int64_t ldc, int64_t cols) {
-  const __mmask16 mask_lo = cols >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << cols) - 1);
-  const __mmask16 mask_hi = cols >= 32   ? __mmask16(0xFFFF)
-                            : cols <= 16 ? __mmask16(0)
-                                         : __mmask16((1u << (cols - 16)) - 1);
+// C[0..kRows, cols) = A[0..kRows) W^T (+ add) for kPanels panels side by side, panel_stride floats apart: cols <= 32
+// kPanels valid columns. K runs in blocks of kKBlock, each summed in registers and then added to C (the first to
+// add), so that a long K sums as a short chain per block plus one per K / kKBlock (rounding error about that of MKL's
+// blocked sums, not of one chain over all of K). Each value sums in the same order whatever kRows and kPanels: with
+// few rows, more panels only put more independent sums in flight (one row on one panel keeps two, and waits on the
+// FMA latency).
+template <int kRows, int kPanels>
+FASTATTN_AVX512F void panel_block(const float* a, int64_t lda, const float* panel, int64_t panel_stride, int64_t k,
+                                  const float* add, int64_t add_ld, float* c, int64_t ldc, int64_t cols) {
+  constexpr int kVecs = 2 * kPanels;  // of 16 columns
+  __mmask16 mask[kVecs];
+  for (int q = 0; q < kVecs; ++q) mask[q] = __mmask16((1u << std::clamp<int64_t>(cols - 16 * q, 0, 16)) - 1);
   for (int64_t k0 = 0; k0 < k || k0 == 0; k0 += kKBlock) {
-    __m512 lo[kRows], hi[kRows];
-    for (int i = 0; i < kRows; ++i) lo[i] = hi[i] = _mm512_setzero_ps();
+    __m512 acc[kRows][kVecs];
+    for (int i = 0; i < kRows; ++i) {
+      for (int q = 0; q < kVecs; ++q) acc[i][q] = _mm512_setzero_ps();
+    }
     for (int64_t kk = k0; kk < std::min(k, k0 + kKBlock); ++kk) {
-      const __m512 w_lo = _mm512_loadu_ps(panel + kk * kStepGemmPanel);
-      const __m512 w_hi = _mm512_loadu_ps(panel + kk * kStepGemmPanel + 16);
+      __m512 w[kVecs];
+      for (int q = 0; q < kVecs; ++q) {
+        w[q] = _mm512_loadu_ps(panel + q / 2 * panel_stride + kk * kStepGemmPanel + q % 2 * 16);
+      }
       for (int i = 0; i < kRows; ++i) {
         const __m512 x = _mm512_set1_ps(a[i * lda + kk]);
-        lo[i] = _mm512_fmadd_ps(x, w_lo, lo[i]);
-        hi[i] = _mm512_fmadd_ps(x, w_hi, hi[i]);
+        for (int q = 0; q < kVecs; ++q) acc[i][q] = _mm512_fmadd_ps(x, w[q], acc[i][q]);
       }
     }
     for (int i = 0; i < kRows; ++i) {
       const float* before = k0 > 0 ? c + i * ldc : add == nullptr ? nullptr : add + i * add_ld;
-      if (before != nullptr) {
-        lo[i] = _mm512_add_ps(lo[i], _mm512_maskz_loadu_ps(mask_lo, before));
-        hi[i] = _mm512_add_ps(hi[i], _mm512_maskz_loadu_ps(mask_hi, before + 16));
+      for (int q = 0; q < kVecs; ++q) {
+        if (before != nullptr) acc[i][q] = _mm512_add_ps(acc[i][q], _mm512_maskz_loadu_ps(mask[q], before + 16 * q));
+        _mm512_mask_storeu_ps(c + i * ldc + 16 * q, mask[q], acc[i][q]);
       }
-      _mm512_mask_storeu_ps(c + i * ldc, mask_lo, lo[i]);
-      _mm512_mask_storeu_ps(c + i * ldc + 16, mask_hi, hi[i]);
     }
   }
 }
 
-using PanelBlock = void (*)(const float*, int64_t, const float*, int64_t, const float*, int64_t, float*, int64_t,
-                            int64_t);
-constexpr PanelBlock kPanelBlocks[kMaxRows + 1] = {nullptr,           panel_block<1>, panel_block<2>,
-                                                   panel_block<3>,    panel_block<4>, panel_block<5>,
-                                                   panel_block<6>,    panel_block<7>, panel_block<8>};
+using PanelBlock = void (*)(const float*, int64_t, const float*, int64_t, int64_t, const float*, int64_t, float*,
+                            int64_t, int64_t);
+constexpr PanelBlock kPanelBlocks[kMaxRows + 1] = {nullptr,           panel_block<1, 1>, panel_block<2, 1>,
+                                                   panel_block<3, 1>, panel_block<4, 1>, panel_block<5, 1>,
+                                                   panel_block<6, 1>, panel_block<7, 1>, panel_block<8, 1>};
+// Rows -> panels at once and the kernel for fewer than 4 rows: at least 8 sums in flight.
+constexpr int64_t kWidePanels[kWideMaxRows + 1] = {0, 4, 2, 2};
+constexpr PanelBlock kWideBlocks[kWideMaxRows + 1] = {nullptr, panel_block<1, 4>, panel_block<2, 2>,
+                                                      panel_block<3, 2>};
 
 }  // namespace
 #endif
@@ -111,14 +119,24 @@ constexpr PanelBlock kPanelBlocks[kMaxRows + 1] = {nullptr,           panel_bloc
 void step_gemm(const float* a, int64_t lda, int64_t m, const float* packed, int64_t n, int64_t k, const float* add,
                int64_t add_ld, float* c, int64_t ldc, int64_t panel_begin, int64_t panel_end) {
 #if defined(FASTATTN_STEP_GEMM)
-  for (int64_t p = panel_begin; p < panel_end; ++p) {
-    const int64_t col = p * kStepGemmPanel, cols = std::min(kStepGemmPanel, n - col);
-    const float* panel = packed + p * k * kStepGemmPanel;
+  const int64_t panel_size = k * kStepGemmPanel;
+  const int64_t width = m <= kWideMaxRows ? kWidePanels[m] : 1;  // panels a call: one row block of m rows
+  for (int64_t p = panel_begin; p < panel_end;) {
+    const int64_t col = p * kStepGemmPanel;
+    if (width > 1 && p + width <= panel_end) {
+      kWideBlocks[m](a, lda, packed + p * panel_size, panel_size, k, add == nullptr ? nullptr : add + col, add_ld,
+                     c + col, ldc, std::min(width * kStepGemmPanel, n - col));
+      p += width;
+      continue;
+    }
+    const int64_t cols = std::min(kStepGemmPanel, n - col);
     for (int64_t row = 0; row < m; row += kMaxRows) {
       const int64_t rows = std::min<int64_t>(kMaxRows, m - row);
       const float* add_block = add == nullptr ? nullptr : add + row * add_ld + col;
-      kPanelBlocks[rows](a + row * lda, lda, panel, k, add_block, add_ld, c + row * ldc + col, ldc, cols);
+      kPanelBlocks[rows](a + row * lda, lda, packed + p * panel_size, panel_size, k, add_block, add_ld,
+                         c + row * ldc + col, ldc, cols);
     }
+    ++p;
   }
 #else
   (void)a, (void)lda, (void)m, (void)packed, (void)n, (void)k, (void)add, (void)add_ld, (void)c, (void)ldc;

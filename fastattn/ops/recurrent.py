@@ -241,7 +241,10 @@ def _recurrent_inference_fake(kind: int, x: Tensor, w_ih: Tensor, b_ih, h0: Tens
 
 @functools.cache
 def _cpu_ops():
-    """torch.ops.fastattn_C, with the fake kernels above registered."""
+    """torch.ops.fastattn_C, with the fake kernels above registered (the extension must load)."""
+    module, reason = backends.extension()
+    if module is None:
+        raise RuntimeError(reason)
     torch.library.register_fake("fastattn_C::recurrent_matmul", _recurrent_matmul_fake)
     torch.library.register_fake("fastattn_C::recurrent_inference", _recurrent_inference_fake)
     return torch.ops.fastattn_C

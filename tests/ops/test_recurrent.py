@@ -2,6 +2,7 @@
 references of fastattn.reference: values and gradients for each kind, lengths (packed sequences), both directions,
 the LSTM projection, odd sizes, low precision by the error-ratio rule, opcheck and torch.compile."""
 
+import itertools
 import types
 
 import pytest
@@ -210,9 +211,10 @@ def test_float32_step_matmuls(kind, batch, hidden, proj, path, monkeypatch):
 @pytest.mark.parametrize("kind", KINDS)
 def test_row_groups_match_the_step_loop(kind, reverse, train, set_threads, monkeypatch):
     """With the packed kernel each thread may run every step on its own rows (row groups, here 9 and 10 rows on 2
-    threads: W is small) or every step be split over the threads (on 8 threads a group would get 2 rows, too few):
-    the same arithmetic per row, so the values and the gradients of x, h0 and c0 agree exactly (the weights' sum over
-    rows, in an order that may depend on the threads, to rounding), with lengths, both ways."""
+    threads: W is small) or every step be split over the threads (on 8 threads a group would get 2 rows, too few: the
+    forward's hidden units split, the LayerNorm-LSTM's and the backward's weight panels and rows): the same
+    arithmetic per row, so the values and the gradients of x, h0 and c0 agree exactly (the weights' sum over rows, in
+    an order that may depend on the threads, to rounding), with lengths, both ways."""
     use_step_gemm("packed", monkeypatch)
     problem = make_problem(kind, 5, 19, 8, 192, dtype=torch.float32)
     lengths = torch.tensor([5, 1, 3, 4] * 4 + [2, 5, 5])
@@ -226,6 +228,8 @@ def test_row_groups_match_the_step_loop(kind, reverse, train, set_threads, monke
         events = [event.name for event in prof.events()]
         row_loops = (2 if train else 1) if count == 2 else 0  # the forward's (and the backward's)
         assert events.count("fastattn_C::recurrent_row_loops") == row_loops
+        unit_loops = count == 8 and kind != "layernorm_lstm"
+        assert events.count("fastattn_C::recurrent_unit_loops") == unit_loops
         results[count] = [t for t in values if t is not None], list(grads)
     (values, grads), (step_values, step_grads) = results[2], results[8]
     per_row = 3 if kind in CELLS else 2  # the gradients of x, h0 (, c0) come first
@@ -233,6 +237,32 @@ def test_row_groups_match_the_step_loop(kind, reverse, train, set_threads, monke
         assert torch.equal(rows, steps)
     for rows, steps in zip(grads[per_row:], step_grads[per_row:], strict=True):
         assert_close(rows, steps, atol=1e-5 * steps.abs().max().item(), name="weight gradient")
+
+
+@pytest.mark.parametrize("train", [False, True], ids=["inference", "training"])
+@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("kind", KINDS)
+def test_unit_groups_match_one_thread(kind, batch, train, set_threads, monkeypatch):
+    """A batch too small for row groups splits each forward step's hidden units over the threads instead (5 panels
+    of 32 units per gate: 2 + 3 on 2 threads, 1 + 1 + 1 + 2 on 4; one and three rows take several panels at once):
+    the values and the gradients of x, h0 and c0 are exactly those of one thread, with lengths, both ways. The
+    LayerNorm-LSTM, whose norms span all units, runs on one thread."""
+    use_step_gemm("packed", monkeypatch)
+    problem = make_problem(kind, 4, batch, 8, 160, dtype=torch.float32)
+    lengths = torch.tensor([4, 2, 3][:batch])
+    results = {}
+    for count, reverse in itertools.product((1, 2, 4), (False, True)):
+        set_threads(count)
+        with torch.profiler.profile() as prof, torch.set_grad_enabled(train):
+            values = ops.recurrent_layer(kind, *problem, lengths=lengths, reverse=reverse)
+            loss = sum(v.sum() for v in values if v is not None)
+            grads = torch.autograd.grad(loss, leaves(*problem)[: 3 if kind in CELLS else 2]) if train else ()
+        units = "fastattn_C::recurrent_unit_loops" in {event.name for event in prof.events()}
+        assert units == (count > 1 and kind != "layernorm_lstm")
+        results[count, reverse] = [t for t in values if t is not None] + list(grads)
+    for (count, reverse), tensors in results.items():
+        for ours, one_thread in zip(tensors, results[1, reverse], strict=True):
+            assert torch.equal(ours, one_thread), (count, reverse)
 
 
 @pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
@@ -434,11 +464,12 @@ def strided_like(t, layout):
 
 @pytest.mark.parametrize("path", ["packed", "fallback"])
 @pytest.mark.parametrize("layout", ["dense", "transposed", "strided"])
-@pytest.mark.parametrize("m, k, n", [(1, 1, 1), (7, 33, 5), (130, 70, 129), (300, 64, 520)], ids=str)
+@pytest.mark.parametrize("m, k, n", [(1, 1, 1), (1, 40, 101), (2, 19, 101), (3, 130, 45), (7, 33, 5), (130, 70, 129),
+                                     (300, 64, 520)], ids=str)  # fmt: skip
 def test_recurrent_matmul(m, k, n, layout, path, monkeypatch):
     """fastattn_C's recurrent_matmul (the CPU projections and their input gradient): a (M, K) b (K, N) (+ bias) in
-    every layout of a and b, with row and column tails and several 128-row blocks, within the error-ratio rule of
-    torch's own float32 product."""
+    every layout of a and b, with row and column tails (also inside the blocks of 4 or 2 panels that 1 to 3 rows
+    take) and several 128-row blocks, within the error-ratio rule of torch's own float32 product."""
     use_step_gemm(path, monkeypatch)
     g = torch.Generator().manual_seed(0)
     a64, b64, bias64 = (torch.randn(*shape, generator=g, dtype=torch.float64) for shape in ((m, k), (k, n), (n,)))
