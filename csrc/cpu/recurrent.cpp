@@ -4,7 +4,7 @@
 // call; without AVX-512, large float32 steps go through oneDNN with the weight prepacked (ATen's own
 // mkldnn::_reorder_linear_weight and _linear_pointwise ops, about 1.6x MKL's sgemm at LSTM step shapes), and small
 // steps and other dtypes use ATen's mm. With the packed kernel, each thread usually runs every step on its own rows
-// (row_groups). recurrent_inference chunks the steps of large inference and adds the input projections (prepacked
+// (row_groups), or for small batches on its own hidden units (unit_threads). recurrent_inference chunks the steps of large inference and adds the input projections (prepacked
 // for oneDNN when large); recurrent_matmul runs the training path's projections on the packed kernel too.
 #include <ATen/Parallel.h>
 #include <ATen/core/dispatch/Dispatcher.h>
@@ -132,8 +132,8 @@ constexpr int64_t kMinRowsPerGroup = 4;
 constexpr int64_t kRowsToShareWeight = 8;
 constexpr int64_t kL2WeightBytes = int64_t(1) << 20;
 constexpr int64_t kSerialStepMaxMacs = int64_t(1) << 19;
-// Forward steps of more multiply-adds than this split their hidden units over the threads (one barrier a step) when
-// row groups do not: W_hh's panels then also split between the threads' caches.
+// Steps of more multiply-adds than this split their hidden units over the threads (unit groups: one barrier a step)
+// where row groups do not run: W_hh's panels then also split between the threads' caches.
 constexpr int64_t kUnitStepMinMacs = int64_t(1) << 14;
 
 int64_t row_groups(int64_t batch, int64_t n, int64_t k) {
@@ -142,6 +142,39 @@ int64_t row_groups(int64_t batch, int64_t n, int64_t k) {
   const bool weight_in_l2 = n * k * int64_t(sizeof(float)) <= kL2WeightBytes;
   if (groups == threads && (weight_in_l2 || batch / groups >= kRowsToShareWeight)) return groups;
   return batch * n * k <= kSerialStepMaxMacs ? 1 : 0;
+}
+
+// Unit groups, where row groups do not run: each thread takes its own hidden units of every step (the step GEMM's
+// panels of their columns in each gate, and their cells), the threads meeting once a step, since the next GEMM (the
+// forward's) or this one (the backward's) reads every unit. unit_threads(kind, H): how many threads, at most one per
+// panel of a gate's units, or 0 where unit groups cannot run: without OpenMP (the barrier), on one thread, when the
+// gates' units do not start at panels (H not a multiple of the panel width), and for the LayerNorm-LSTM (its norms
+// span every unit).
+int64_t unit_threads(RecurrentKind kind, int64_t hidden) {
+#if defined(_OPENMP)
+  if (kind == RecurrentKind::kLayerNormLstm || hidden % cpu::kStepGemmPanel != 0) return 0;
+  const int64_t threads = at::in_parallel_region() ? 1 : at::get_num_threads();
+  return threads >= 2 && hidden >= 2 * cpu::kStepGemmPanel ? std::min(threads, hidden / cpu::kStepGemmPanel) : 0;
+#else
+  (void)kind, (void)hidden;
+  return 0;
+#endif
+}
+
+// step(i, p0, p1) for i = 0..S-1 on each of `threads` threads of one OpenMP team, with its own panels [p0, p1) of
+// the `panels` of a gate's units; step synchronises the team itself (#pragma omp barrier).
+template <class Step>
+void for_unit_groups(int64_t threads, int64_t S, int64_t panels, const Step& step) {
+#if defined(_OPENMP)
+  RECORD_FUNCTION("fastattn_C::recurrent_unit_loops", std::vector<c10::IValue>());  // visible to torch.profiler
+#pragma omp parallel num_threads(threads)
+  {
+    const int64_t team = omp_get_num_threads(), t = omp_get_thread_num();
+    for (int64_t i = 0; i < S; ++i) step(i, panels * t / team, panels * (t + 1) / team);
+  }
+#else
+  (void)threads, (void)S, (void)panels, (void)step;
+#endif
 }
 
 // rows(r0, r1) on each of `groups` groups of B rows, a task each; false (nothing run) when groups is 0.
@@ -156,15 +189,30 @@ bool for_row_groups(int64_t B, int64_t groups, const Rows& rows) {
 struct CpuCells {
   static constexpr bool kRowLoops = true;
   static int64_t grain(int64_t kind_width) { return std::max<int64_t>(1, kMinElementsPerTask / kind_width); }
-  // Runs the S forward steps in row groups when w (G*H, H) is packed and row_groups allows; returns whether it did.
-  // step_args(k): step k's cell arguments, hh (B, G*H) the step GEMM's output.
-  // Where the threads cannot each take a row group, steps above kUnitStepMinMacs run in unit groups instead
-  // (forward_unit_loops) when they can.
+  // Runs the S forward steps in row groups when w (G*H, H) is packed and row_groups allows, else in unit groups when
+  // a step has over kUnitStepMinMacs and unit_threads allows; returns whether it did. step_args(k): step k's cell
+  // arguments, hh (B, G*H) the step GEMM's output.
   template <class StepArgs>
   bool forward_row_loops(int64_t S, const at::Tensor& w, const at::Tensor& hh, const StepArgs& step_args) const {
     if (w.dim() != 3 || S == 0) return false;
     const int64_t B = hh.size(0), N = hh.size(1), K = w.size(1), groups = row_groups(B, N, K);
-    if (groups <= 1 && B * N * K > kUnitStepMinMacs && forward_unit_loops(S, w, hh, step_args)) return true;
+    const RecurrentStepForwardArgs first = step_args(0);
+    const int64_t H = first.hidden, panels = H / cpu::kStepGemmPanel;
+    const int64_t units = groups <= 1 && B * N * K > kUnitStepMinMacs ? unit_threads(first.kind, H) : 0;
+    if (units > 0) {
+      const float* weight = w.data_ptr<float>();
+      float* out = hh.data_ptr<float>();
+      for_unit_groups(units, S, panels, [&](int64_t k, int64_t p0, int64_t p1) {
+        const RecurrentStepForwardArgs a = step_args(k);
+        for (int64_t g = 0; g < N / H; ++g) {  // the columns of each gate for units [p0, p1) * panel width
+          cpu::step_gemm(static_cast<const float*>(a.h_prev), K, B, weight, N, K, nullptr, 0, out, N,
+                         g * panels + p0, g * panels + p1);
+        }
+        recurrent_step_forward_cpu_units(a, 0, B, p0 * cpu::kStepGemmPanel, p1 * cpu::kStepGemmPanel);
+#pragma omp barrier
+      });
+      return true;
+    }
     return for_row_groups(B, groups, [&](int64_t r0, int64_t r1) {
       for (int64_t k = 0; k < S; ++k) {
         const RecurrentStepForwardArgs a = step_args(k);
@@ -174,48 +222,28 @@ struct CpuCells {
       }
     });
   }
-  // The S forward steps with each thread on its own hidden units: per step, the columns of every gate for them (the
-  // step GEMM's panels of those units), then their cell; one barrier a step, as the next step's GEMM reads all of h.
-  // For batches too small for row groups; needs the gates' units to start at panels (H a multiple of the panel width),
-  // cells that split over units (not the LayerNorm-LSTM's) and OpenMP (the barrier). Returns whether it ran.
-  template <class StepArgs>
-  bool forward_unit_loops(int64_t S, const at::Tensor& w, const at::Tensor& hh, const StepArgs& step_args) const {
-#if defined(_OPENMP)
-    const RecurrentStepForwardArgs first = step_args(0);
-    const int64_t B = hh.size(0), GH = hh.size(1), K = w.size(1), H = first.hidden, gates = GH / H;
-    const int64_t panels = H / cpu::kStepGemmPanel;  // of each gate
-    const int64_t threads = std::min<int64_t>(panels, at::in_parallel_region() ? 1 : at::get_num_threads());
-    if (first.kind == RecurrentKind::kLayerNormLstm || H % cpu::kStepGemmPanel != 0 || threads < 2) return false;
-    RECORD_FUNCTION("fastattn_C::recurrent_unit_loops", std::vector<c10::IValue>());  // visible to torch.profiler
-    const float* weight = w.data_ptr<float>();
-    float* out = hh.data_ptr<float>();
-#pragma omp parallel num_threads(threads)
-    {
-      const int64_t team = omp_get_num_threads(), p0 = panels * omp_get_thread_num() / team;
-      const int64_t p1 = panels * (omp_get_thread_num() + 1) / team;
-      for (int64_t k = 0; k < S; ++k) {
-        const RecurrentStepForwardArgs a = step_args(k);
-        for (int64_t g = 0; g < gates; ++g) {
-          cpu::step_gemm(static_cast<const float*>(a.h_prev), K, B, weight, GH, K, nullptr, 0, out, GH,
-                         g * panels + p0, g * panels + p1);
-        }
-        recurrent_step_forward_cpu_units(a, 0, B, p0 * cpu::kStepGemmPanel, p1 * cpu::kStepGemmPanel);
-#pragma omp barrier
-      }
-    }
-    return true;
-#else
-    return false;
-#endif
-  }
   // The backward's steps likewise, w = W_hh^T (H, G*H) packed: dh (B, H) = the gradient reaching h, updated in place
   // (each step's cell reads it before its GEMM writes dh = d_hh W_hh + pass); pass (B, H) the cells' dh_pass.
   template <class StepArgs>
   bool backward_row_loops(int64_t S, const at::Tensor& w, const at::Tensor& dh, const at::Tensor& pass,
                           const StepArgs& step_args) const {
     if (w.dim() != 3 || S == 0) return false;
-    const int64_t B = dh.size(0), N = dh.size(1), K = w.size(1);
-    return for_row_groups(B, row_groups(B, N, K), [&](int64_t r0, int64_t r1) {
+    const int64_t B = dh.size(0), N = dh.size(1), K = w.size(1), groups = row_groups(B, N, K);
+    const RecurrentStepBackwardArgs first = step_args(S - 1);
+    const int64_t units = groups <= 1 && B * N * K > kUnitStepMinMacs ? unit_threads(first.kind, N) : 0;
+    if (units > 0) {  // dh's columns are the units
+      const float *weight = w.data_ptr<float>(), *pass_data = pass.data_ptr<float>();
+      float* dh_data = dh.data_ptr<float>();
+      for_unit_groups(units, S, N / cpu::kStepGemmPanel, [&](int64_t i, int64_t p0, int64_t p1) {
+        RecurrentStepBackwardArgs a = step_args(S - 1 - i);
+        a.dh = dh_data;
+        recurrent_step_backward_cpu_units(a, 0, B, p0 * cpu::kStepGemmPanel, p1 * cpu::kStepGemmPanel);
+#pragma omp barrier
+        cpu::step_gemm(static_cast<const float*>(a.d_hh), K, B, weight, N, K, pass_data, N, dh_data, N, p0, p1);
+      });
+      return true;
+    }
+    return for_row_groups(B, groups, [&](int64_t r0, int64_t r1) {
       for (int64_t k = S - 1; k >= 0; --k) {
         RecurrentStepBackwardArgs a = step_args(k);
         a.dh = dh.data_ptr();

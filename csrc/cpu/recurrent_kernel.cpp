@@ -277,16 +277,16 @@ FASTATTN_INLINE void layernorm_lstm_backward_row(const C* dh, const C* dc, const
   normalise_backward(d_hat, hh_hat, rstd_hh, GH, d_hh);
 }
 
-// The plain LSTM's backward on one row: from dh (reaching h', output's included) and dc (reaching c') the gradients
-// of the gate pre-activations d_pre (4H) and of c_prev, dc_prev (may be dc itself: each j reads dc[j] before
-// writing dc_prev[j], hence ivdep rather than __restrict on the two).
+// The plain LSTM's backward on units [j0, j1) of one row: from dh (reaching h', output's included) and dc (reaching
+// c') the gradients of the gate pre-activations d_pre (4H) and of c_prev, dc_prev (may be dc itself: each j reads
+// dc[j] before writing dc_prev[j], hence ivdep rather than __restrict on the two).
 template <class C>
 FASTATTN_INLINE void lstm_backward_row(const C* __restrict dh, const C* dc, const C* __restrict saved,
-                                       const C* __restrict c_prev, const C* __restrict c_new, int64_t H,
-                                       C* __restrict d_pre, C* dc_prev) {
+                                       const C* __restrict c_prev, const C* __restrict c_new, int64_t H, int64_t j0,
+                                       int64_t j1, C* __restrict d_pre, C* dc_prev) {
   const C *si = saved, *sf = si + H, *sg = sf + H, *so = sg + H;
 #pragma GCC ivdep
-  for (int64_t j = 0; j < H; ++j) {
+  for (int64_t j = j0; j < j1; ++j) {
     const C i = si[j], f = sf[j], g = sg[j], o = so[j];
     const C tc = tanh_of(c_new[j]);
     const C dcj = dc[j] + dh[j] * o * (C(1) - tc * tc);
@@ -298,13 +298,14 @@ FASTATTN_INLINE void lstm_backward_row(const C* __restrict dh, const C* dc, cons
   }
 }
 
-// The GRU's backward on one row: from dh (reaching h') the gradients of hh (d_hh: r's, z's and n's through r hh_n),
-// of x (d_x: n's before r) and the part of dh that passes to h_prev directly (pass = dh z).
+// The GRU's backward on units [j0, j1) of one row: from dh (reaching h') the gradients of hh (d_hh: r's, z's and
+// n's through r hh_n), of x (d_x: n's before r) and the part of dh that passes to h_prev directly (pass = dh z).
 template <class C>
 FASTATTN_INLINE void gru_backward_row(const C* __restrict dh, const C* __restrict saved, const C* __restrict h_prev,
-                                      int64_t H, C* __restrict d_hh, C* __restrict d_x, C* __restrict pass) {
+                                      int64_t H, int64_t j0, int64_t j1, C* __restrict d_hh, C* __restrict d_x,
+                                      C* __restrict pass) {
   const C *sr = saved, *sz = sr + H, *sn = sz + H, *shn = sn + H;
-  for (int64_t j = 0; j < H; ++j) {
+  for (int64_t j = j0; j < j1; ++j) {
     const C rr = sr[j], z = sz[j], n = sn[j];
     const C dn_pre = dh[j] * (C(1) - z) * (C(1) - n * n);
     const C dr_pre = dn_pre * shn[j] * rr * (C(1) - rr);
@@ -317,12 +318,25 @@ FASTATTN_INLINE void gru_backward_row(const C* __restrict dh, const C* __restric
   }
 }
 
+// Rows [row_begin, row_end), hidden units [j0, j1) of them (all H for the LayerNorm-LSTM).
 template <class T>
-FASTATTN_INLINE void backward_rows(const RecurrentStepBackwardArgs& a, int64_t row_begin, int64_t row_end) {
+FASTATTN_INLINE void backward_rows(const RecurrentStepBackwardArgs& a, int64_t row_begin, int64_t row_end, int64_t j0,
+                                   int64_t j1) {
   using C = compute_t<T>;
-  const int64_t H = a.hidden, G = gates_of(a.kind), GH = G * H, W = recurrent_saved_width(a.kind, H);
+  const int64_t H = a.hidden, G = gates_of(a.kind), GH = G * H, W = recurrent_saved_width(a.kind, H), n = j1 - j0;
   // Slots: 0 dh, 1 grad_out, 2 h_prev / h_new, 3 d_hh out, 4 d_x out, 5 dh_pass out.
   SlotStage<T> scratch(GH, 6);
+  // Units [j0, j1) of each of `blocks` H-wide blocks of `slot` into dst, when the rows are staged (low precision).
+  const auto store = [&](T* dst, int slot, int64_t blocks) {
+    if constexpr (SlotStage<T>::kStaged) {
+      const C* src = scratch.output(dst, slot);
+      for (int64_t g = 0; g < blocks; ++g) convert_row(src + g * H + j0, dst + g * H + j0, n);
+    }
+  };
+  // Units [j0, j1) of each gate of a (B, G*H) row set to 0.
+  const auto zero_gates = [&](T* dst) {
+    for (int64_t g = 0; g < G; ++g) std::fill(dst + g * H + j0, dst + g * H + j1, T(0));
+  };
   std::vector<C> dh_work(H);
   const bool layernorm = a.kind == RecurrentKind::kLayerNormLstm;
   std::optional<CellNorms<T>> norms;
@@ -337,46 +351,46 @@ FASTATTN_INLINE void backward_rows(const RecurrentStepBackwardArgs& a, int64_t r
     const C* dc = row<C>(a.dc, r, H);
     C* dc_prev = row<C>(a.dc_prev, r, H);
     if (!live) {  // nothing flows into this step's gates; the state's gradients pass through
-      std::fill(d_hh_row, d_hh_row + GH, T(0));
-      if (d_x_row != nullptr) std::fill(d_x_row, d_x_row + GH, T(0));
-      if (pass_row != nullptr) std::copy(dh_in, dh_in + H, pass_row);
-      if (dc_prev != nullptr && dc_prev != dc) std::copy(dc, dc + H, dc_prev);
-      if (a.d_cn != nullptr) std::fill(row<C>(a.d_cn, r, H), row<C>(a.d_cn, r, H) + H, C(0));
+      zero_gates(d_hh_row);
+      if (d_x_row != nullptr) zero_gates(d_x_row);
+      if (pass_row != nullptr) std::copy(dh_in + j0, dh_in + j1, pass_row + j0);
+      if (dc_prev != nullptr && dc_prev != dc) std::copy(dc + j0, dc + j1, dc_prev + j0);
+      if (a.d_cn != nullptr) std::fill(row<C>(a.d_cn, r, H) + j0, row<C>(a.d_cn, r, H) + j1, C(0));
       continue;
     }
     C* dh = dh_work.data();
     const C* dh_c = scratch.load(dh_in, 0, H);
     const C* g_out = scratch.load(row<T>(a.grad_out, r, a.grad_out_stride), 1, H);
     if (g_out == nullptr) {
-      std::copy(dh_c, dh_c + H, dh);
+      std::copy(dh_c + j0, dh_c + j1, dh + j0);
     } else {
-      for (int64_t j = 0; j < H; ++j) dh[j] = dh_c[j] + g_out[j];
+      for (int64_t j = j0; j < j1; ++j) dh[j] = dh_c[j] + g_out[j];
     }
     const C* saved = row<C>(a.saved, r, W);
     C* d_hh = scratch.output(d_hh_row, 3);
     if (layernorm) {
       layernorm_lstm_backward_row(dh, dc, saved, row<C>(a.c_prev, r, H), *norms, H, d_hat_work.data(),
                                   dc_work.data(), scratch.output(d_x_row, 4), row<C>(a.d_cn, r, H), dc_prev, d_hh);
-      scratch.store(d_x_row, 4, GH);
+      store(d_x_row, 4, G);
     } else if (a.kind == RecurrentKind::kLstm) {
-      lstm_backward_row(dh, dc, saved, row<C>(a.c_prev, r, H), row<C>(a.c_new, r, H), H, d_hh, dc_prev);
+      lstm_backward_row(dh, dc, saved, row<C>(a.c_prev, r, H), row<C>(a.c_new, r, H), H, j0, j1, d_hh, dc_prev);
     } else if (a.kind == RecurrentKind::kGru) {
       const C* h_prev = scratch.load(row<T>(a.h_prev, r, H), 2, H);
       C* d_x = scratch.output(d_x_row, 4);
       C* pass = scratch.output(pass_row, 5);
-      gru_backward_row(dh, saved, h_prev, H, d_hh, d_x, pass);
-      scratch.store(d_x_row, 4, GH);
-      scratch.store(pass_row, 5, H);
+      gru_backward_row(dh, saved, h_prev, H, j0, j1, d_hh, d_x, pass);
+      store(d_x_row, 4, G);
+      store(pass_row, 5, 1);
     } else {
       const C* h_new = scratch.load(row<T>(a.h_new, r, H), 2, H);
       if (a.kind == RecurrentKind::kRnnTanh) {
-        for (int64_t j = 0; j < H; ++j) d_hh[j] = dh[j] * (C(1) - h_new[j] * h_new[j]);
+        for (int64_t j = j0; j < j1; ++j) d_hh[j] = dh[j] * (C(1) - h_new[j] * h_new[j]);
       } else {
-        for (int64_t j = 0; j < H; ++j) d_hh[j] = h_new[j] > C(0) ? dh[j] : C(0);
+        for (int64_t j = j0; j < j1; ++j) d_hh[j] = h_new[j] > C(0) ? dh[j] : C(0);
       }
     }
-    scratch.store(d_hh_row, 3, GH);
-    if (pass_row != nullptr && a.kind != RecurrentKind::kGru) std::fill(pass_row, pass_row + H, T(0));
+    store(d_hh_row, 3, G);
+    if (pass_row != nullptr && a.kind != RecurrentKind::kGru) std::fill(pass_row + j0, pass_row + j1, T(0));
   }
 }
 
@@ -386,8 +400,9 @@ FASTATTN_INLINE void backward_rows(const RecurrentStepBackwardArgs& a, int64_t r
                                               int64_t j0, int64_t j1) {                                      \
     forward_rows<T>(a, begin, end, j0, j1);                                                                  \
   }                                                                                                          \
-  FASTATTN_TARGET_CLONES void backward_##name(const RecurrentStepBackwardArgs& a, int64_t begin, int64_t end) { \
-    backward_rows<T>(a, begin, end);                                                                         \
+  FASTATTN_TARGET_CLONES void backward_##name(const RecurrentStepBackwardArgs& a, int64_t begin, int64_t end,    \
+                                               int64_t j0, int64_t j1) {                                     \
+    backward_rows<T>(a, begin, end, j0, j1);                                                                 \
   }
 
 FASTATTN_DEFINE_ENTRY_POINTS(c10::Half, half)
@@ -413,11 +428,16 @@ void recurrent_step_forward_cpu_units(const RecurrentStepForwardArgs& args, int6
 }
 
 void recurrent_step_backward_cpu_rows(const RecurrentStepBackwardArgs& args, int64_t row_begin, int64_t row_end) {
+  recurrent_step_backward_cpu_units(args, row_begin, row_end, 0, args.hidden);
+}
+
+void recurrent_step_backward_cpu_units(const RecurrentStepBackwardArgs& args, int64_t row_begin, int64_t row_end,
+                                       int64_t unit_begin, int64_t unit_end) {
   switch (args.dtype) {
-    case Dtype::kHalf: return backward_half(args, row_begin, row_end);
-    case Dtype::kBFloat16: return backward_bfloat16(args, row_begin, row_end);
-    case Dtype::kFloat: return backward_float(args, row_begin, row_end);
-    case Dtype::kDouble: return backward_double(args, row_begin, row_end);
+    case Dtype::kHalf: return backward_half(args, row_begin, row_end, unit_begin, unit_end);
+    case Dtype::kBFloat16: return backward_bfloat16(args, row_begin, row_end, unit_begin, unit_end);
+    case Dtype::kFloat: return backward_float(args, row_begin, row_end, unit_begin, unit_end);
+    case Dtype::kDouble: return backward_double(args, row_begin, row_end, unit_begin, unit_end);
   }
 }
 

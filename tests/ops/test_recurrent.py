@@ -212,9 +212,9 @@ def test_float32_step_matmuls(kind, batch, hidden, proj, path, monkeypatch):
 def test_row_groups_match_the_step_loop(kind, reverse, train, set_threads, monkeypatch):
     """With the packed kernel each thread may run every step on its own rows (row groups, here 9 and 10 rows on 2
     threads: W is small) or every step be split over the threads (on 8 threads a group would get 2 rows, too few: the
-    forward's hidden units split, the LayerNorm-LSTM's and the backward's weight panels and rows): the same
-    arithmetic per row, so the values and the gradients of x, h0 and c0 agree exactly (the weights' sum over rows, in
-    an order that may depend on the threads, to rounding), with lengths, both ways."""
+    hidden units split, or for the LayerNorm-LSTM the weight panels and the rows): the same arithmetic per row, so
+    the values and the gradients of x, h0 and c0 agree exactly (the weights' sum over rows, in an order that may
+    depend on the threads, to rounding), with lengths, both ways."""
     use_step_gemm("packed", monkeypatch)
     problem = make_problem(kind, 5, 19, 8, 192, dtype=torch.float32)
     lengths = torch.tensor([5, 1, 3, 4] * 4 + [2, 5, 5])
@@ -228,7 +228,7 @@ def test_row_groups_match_the_step_loop(kind, reverse, train, set_threads, monke
         events = [event.name for event in prof.events()]
         row_loops = (2 if train else 1) if count == 2 else 0  # the forward's (and the backward's)
         assert events.count("fastattn_C::recurrent_row_loops") == row_loops
-        unit_loops = count == 8 and kind != "layernorm_lstm"
+        unit_loops = (2 if train else 1) if count == 8 and kind != "layernorm_lstm" else 0
         assert events.count("fastattn_C::recurrent_unit_loops") == unit_loops
         results[count] = [t for t in values if t is not None], list(grads)
     (values, grads), (step_values, step_grads) = results[2], results[8]
@@ -243,10 +243,10 @@ def test_row_groups_match_the_step_loop(kind, reverse, train, set_threads, monke
 @pytest.mark.parametrize("batch", [1, 3])
 @pytest.mark.parametrize("kind", KINDS)
 def test_unit_groups_match_one_thread(kind, batch, train, set_threads, monkeypatch):
-    """A batch too small for row groups splits each forward step's hidden units over the threads instead (5 panels
-    of 32 units per gate: 2 + 3 on 2 threads, 1 + 1 + 1 + 2 on 4; one and three rows take several panels at once):
-    the values and the gradients of x, h0 and c0 are exactly those of one thread, with lengths, both ways. The
-    LayerNorm-LSTM, whose norms span all units, runs on one thread."""
+    """A batch too small for row groups splits each step's hidden units over the threads instead, forward and
+    backward (5 panels of 32 units per gate: 2 + 3 on 2 threads, 1 + 1 + 1 + 2 on 4; one and three rows take several
+    panels at once): the values and the gradients of x, h0 and c0 are exactly those of one thread, with lengths, both
+    ways. The LayerNorm-LSTM, whose norms span all units, runs on one thread."""
     use_step_gemm("packed", monkeypatch)
     problem = make_problem(kind, 4, batch, 8, 160, dtype=torch.float32)
     lengths = torch.tensor([4, 2, 3][:batch])
@@ -257,8 +257,8 @@ def test_unit_groups_match_one_thread(kind, batch, train, set_threads, monkeypat
             values = ops.recurrent_layer(kind, *problem, lengths=lengths, reverse=reverse)
             loss = sum(v.sum() for v in values if v is not None)
             grads = torch.autograd.grad(loss, leaves(*problem)[: 3 if kind in CELLS else 2]) if train else ()
-        units = "fastattn_C::recurrent_unit_loops" in {event.name for event in prof.events()}
-        assert units == (count > 1 and kind != "layernorm_lstm")
+        unit_loops = [event.name for event in prof.events()].count("fastattn_C::recurrent_unit_loops")
+        assert unit_loops == ((2 if train else 1) if count > 1 and kind != "layernorm_lstm" else 0)
         results[count, reverse] = [t for t in values if t is not None] + list(grads)
     for (count, reverse), tensors in results.items():
         for ours, one_thread in zip(tensors, results[1, reverse], strict=True):
