@@ -36,6 +36,44 @@ bool step_gemm_available() {
 // The packing of W's rows runs over K in blocks of this many values (about twice as fast as whole rows).
 constexpr int64_t kPackKBlock = 64;
 
+#if defined(FASTATTN_STEP_GEMM)
+namespace {
+
+// dst[c * kStepGemmPanel + i] = w[i * ld + c] for c < kn <= 16 and i < 16, rows i >= rows read as 0: 16 rows of W
+// (unit stride within a row) into 16 columns of kn panel rows, transposed in registers.
+FASTATTN_AVX512F void pack_transposed(const float* w, int64_t ld, int64_t rows, int64_t kn, float* dst) {
+  const __mmask16 mask = __mmask16((1u << kn) - 1);
+  __m512 r[16], t[16];
+  for (int i = 0; i < 16; ++i) r[i] = i < rows ? _mm512_maskz_loadu_ps(mask, w + i * ld) : _mm512_setzero_ps();
+  // Pairs of rows interleaved, then quads: t[4j + m]'s 128-bit lane L holds rows 4j..4j+3 of column 4L + m.
+  for (int i = 0; i < 8; ++i) {
+    t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+  }
+  for (int j = 0; j < 4; ++j) {
+    const __m512d lo_a = _mm512_castps_pd(t[4 * j]), lo_b = _mm512_castps_pd(t[4 * j + 2]);
+    const __m512d hi_a = _mm512_castps_pd(t[4 * j + 1]), hi_b = _mm512_castps_pd(t[4 * j + 3]);
+    r[4 * j] = _mm512_castpd_ps(_mm512_unpacklo_pd(lo_a, lo_b));
+    r[4 * j + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(lo_a, lo_b));
+    r[4 * j + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(hi_a, hi_b));
+    r[4 * j + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(hi_a, hi_b));
+  }
+  // Then the 4 x 4 lanes of r[m], r[4 + m], r[8 + m], r[12 + m] transposed: column 4L + m.
+  for (int m = 0; m < 4; ++m) {
+    const __m512 c0 = _mm512_shuffle_f32x4(r[m], r[4 + m], 0x44), c1 = _mm512_shuffle_f32x4(r[m], r[4 + m], 0xEE);
+    const __m512 c2 = _mm512_shuffle_f32x4(r[8 + m], r[12 + m], 0x44);
+    const __m512 c3 = _mm512_shuffle_f32x4(r[8 + m], r[12 + m], 0xEE);
+    t[m] = _mm512_shuffle_f32x4(c0, c2, 0x88);
+    t[4 + m] = _mm512_shuffle_f32x4(c0, c2, 0xDD);
+    t[8 + m] = _mm512_shuffle_f32x4(c1, c3, 0x88);
+    t[12 + m] = _mm512_shuffle_f32x4(c1, c3, 0xDD);
+  }
+  for (int c = 0; c < kn; ++c) _mm512_storeu_ps(dst + c * kStepGemmPanel, t[c]);
+}
+
+}  // namespace
+#endif
+
 void step_gemm_pack(const float* b, int64_t k, int64_t n, int64_t k_stride, int64_t n_stride, float* packed,
                     int64_t panel_begin, int64_t panel_end) {
   for (int64_t p = panel_begin; p < panel_end; ++p) {
@@ -47,13 +85,25 @@ void step_gemm_pack(const float* b, int64_t k, int64_t n, int64_t k_stride, int6
         std::copy(b + kk * k_stride + col0, b + kk * k_stride + col0 + cols, dst);
         std::fill(dst + cols, dst + kStepGemmPanel, 0.0f);
       }
-    } else {  // columns of B (rows of W = B^T), kPackKBlock values of each at a time (both sides stay in L1)
-      for (int64_t k0 = 0; k0 < k; k0 += kPackKBlock) {
-        const int64_t k1 = std::min(k, k0 + kPackKBlock);
-        for (int64_t j = 0; j < kStepGemmPanel; ++j) {
-          const float* column = j < cols ? b + (col0 + j) * n_stride : nullptr;
-          for (int64_t kk = k0; kk < k1; ++kk) panel[kk * kStepGemmPanel + j] = column ? column[kk * k_stride] : 0.0f;
+      continue;
+    }
+#if defined(FASTATTN_STEP_GEMM)
+    if (k_stride == 1 && step_gemm_supported()) {  // rows of W: 16 x 16 blocks transposed
+      for (int64_t k0 = 0; k0 < k; k0 += 16) {
+        for (int64_t j = 0; j < kStepGemmPanel; j += 16) {
+          pack_transposed(b + (col0 + j) * n_stride + k0, n_stride, std::clamp<int64_t>(cols - j, 0, 16),
+                          std::min<int64_t>(16, k - k0), panel + k0 * kStepGemmPanel + j);
         }
+      }
+      continue;
+    }
+#endif
+    // columns of B (rows of W = B^T), kPackKBlock values of each at a time (both sides stay in L1)
+    for (int64_t k0 = 0; k0 < k; k0 += kPackKBlock) {
+      const int64_t k1 = std::min(k, k0 + kPackKBlock);
+      for (int64_t j = 0; j < kStepGemmPanel; ++j) {
+        const float* column = j < cols ? b + (col0 + j) * n_stride : nullptr;
+        for (int64_t kk = k0; kk < k1; ++kk) panel[kk * kStepGemmPanel + j] = column ? column[kk * k_stride] : 0.0f;
       }
     }
   }
