@@ -72,6 +72,8 @@ inline CellNormTensors cell_norms(const std::optional<at::Tensor>& hh_weight, co
 struct AtenStepLinear {
   static constexpr bool kRowLoops = false;  // see CpuCells (csrc/cpu/recurrent.cpp)
   at::Tensor prepare(const at::Tensor& w, int64_t /*batch*/) const { return w; }
+  // A tensor for values that the loops use (CpuCells: from a pool that keeps freed blocks).
+  at::Tensor scratch(at::IntArrayRef sizes, const at::TensorOptions& options) const { return at::empty(sizes, options); }
   at::Tensor linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& add, at::Tensor& buffer) const {
     return add.defined() ? at::addmm_out(buffer, add, x, w.t()) : at::mm_out(buffer, x, w.t());
   }
@@ -140,19 +142,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> recurrent_forward_loo
   const int64_t S = s.seq, B = s.batch, H = s.hidden, P = s.proj, GH = s.gates * H, rev = reverse ? 1 : 0;
   auto out = out_into.defined() ? out_into : at::empty({S, B, P}, x_proj.options());
   TORCH_INTERNAL_ASSERT(out.sizes() == at::IntArrayRef({S, B, P}) && out.is_contiguous());
-  auto hstate = at::empty({S + 1, B, P}, x_proj.options());
+  auto hstate = cells.scratch({S + 1, B, P}, x_proj.options());
   hstate[S * rev].copy_(h0);
   at::Tensor cstate = at::empty({0}, x_proj.options().dtype(compute));
   if (lstm) {
     TORCH_CHECK(c0.has_value() && c0->defined(), "recurrent: the LSTM needs c0");
-    cstate = at::empty({S + 1, B, H}, x_proj.options().dtype(compute));
+    cstate = cells.scratch({S + 1, B, H}, x_proj.options().dtype(compute));
     cstate[S * rev].copy_(*c0);
   }
   const int64_t width = recurrent_saved_width(s.kind, H);
-  auto saved = at::empty({save && width ? S : 0, B, width}, x_proj.options().dtype(compute));
-  auto h_pre = project ? at::empty({B, H}, x_proj.options()) : at::Tensor();
-  auto hh_buffer = at::empty({B, GH}, x_proj.options());
-  auto hr_buffer = project ? at::empty({B, P}, x_proj.options()) : at::Tensor();
+  auto saved = cells.scratch({save && width ? S : 0, B, width}, x_proj.options().dtype(compute));
+  auto h_pre = project ? cells.scratch({B, H}, x_proj.options()) : at::Tensor();
+  auto hh_buffer = cells.scratch({B, GH}, x_proj.options());
+  auto hr_buffer = project ? cells.scratch({B, P}, x_proj.options()) : at::Tensor();
   const StepWeights weights = prepared != nullptr ? *prepared : prepare_step_weights(cells, w_hh, w_hr, B);
   const at::Tensor &w_hh_p = weights.w_hh, &w_hr_p = weights.w_hr;
   at::Tensor b = b_hh.has_value() && b_hh->defined() ? b_hh->contiguous() : at::Tensor();
@@ -240,7 +242,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> recurrent_inference_loop(
     b_cell = data_or_null(b_hh) ? bias + *b_hh : bias;
     bias = at::Tensor();
   }
-  auto proj_buffer = at::empty({rows, GH}, x.options());
+  auto proj_buffer = cells.scratch({rows, GH}, x.options());
   at::Tensor h = h0;
   std::optional<at::Tensor> c = c0;
   const int64_t chunks = S == 0 ? 0 : (S - 1) / chunk + 1;
@@ -314,18 +316,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   }
   const auto opts = grad_out.options();
   const auto compute = recurrent_compute_type(grad_out);
-  auto d_hh = at::empty({S, B, GH}, opts);
+  auto d_hh = own_d_x ? cells.scratch({S, B, GH}, opts) : at::empty({S, B, GH}, opts);  // else returned as d_x
   auto d_x = own_d_x ? at::empty({S, B, GH}, opts) : d_hh;
-  auto d_cn = layernorm ? at::empty({S, B, H}, opts.dtype(compute)) : at::Tensor();
+  auto d_cn = layernorm ? cells.scratch({S, B, H}, opts.dtype(compute)) : at::Tensor();
   auto dh = data_or_null(grad_h_n) ? grad_h_n->to(grad_out.scalar_type()).contiguous().clone()
                                     : at::zeros({B, P}, opts);
   at::Tensor dc;
   if (lstm) {
     dc = data_or_null(grad_c_n) ? grad_c_n->to(compute).contiguous().clone() : at::zeros({B, H}, opts.dtype(compute));
   }
-  auto pass = at::empty({B, P}, opts), dh_buffer = at::empty({B, P}, opts);
+  auto pass = cells.scratch({B, P}, opts), dh_buffer = cells.scratch({B, P}, opts);
   auto d_hp = project ? at::zeros({S, B, P}, opts) : at::Tensor();
-  at::Tensor dh_pre, dh_pre_buffer = project ? at::empty({B, H}, opts) : at::Tensor();
+  at::Tensor dh_pre, dh_pre_buffer = project ? cells.scratch({B, H}, opts) : at::Tensor();
   const int64_t* len = lengths.has_value() && lengths->defined() ? lengths->data_ptr<int64_t>() : nullptr;
   const auto w_hh_p = cells.prepare(w_hh.t(), B);  // dh_prev = d_hh W_hh
   const auto w_hr_p = project ? cells.prepare(w_hr->t(), B) : at::Tensor();

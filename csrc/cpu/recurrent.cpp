@@ -21,6 +21,7 @@
 
 #include "../recurrent_driver.h"
 #include "recurrent_kernel.h"
+#include "scratch_pool.h"
 #include "step_gemm.h"
 
 namespace fastattn {
@@ -86,7 +87,7 @@ constexpr int64_t kRowBlock = 128;
 at::Tensor pack_step_weight(const at::Tensor& w) {
   RECORD_FUNCTION("fastattn_C::pack_step_weight", std::vector<c10::IValue>());  // visible to torch.profiler
   const int64_t n = w.size(0), k = w.size(1), panels = cpu::step_gemm_panels(n);
-  auto packed = at::empty({panels, k, cpu::kStepGemmPanel}, w.options());
+  auto packed = cpu::ScratchPool::empty({panels, k, cpu::kStepGemmPanel}, at::kFloat);
   const int64_t grain = std::max<int64_t>(1, kPackMinValuesPerTask / std::max<int64_t>(1, k * cpu::kStepGemmPanel));
   at::parallel_for(0, panels, grain, [&](int64_t begin, int64_t end) {
     cpu::step_gemm_pack(w.data_ptr<float>(), k, n, w.stride(1), w.stride(0), packed.data_ptr<float>(), begin, end);
@@ -253,6 +254,9 @@ struct CpuCells {
       }
     });
   }
+  at::Tensor scratch(at::IntArrayRef sizes, const at::TensorOptions& options) const {
+    return cpu::ScratchPool::empty(sizes, options.dtype().toScalarType());
+  }
   // w (N, K) in float32 packed for cpu::step_gemm where the CPU runs it, else prepacked for oneDNN when large enough;
   // otherwise w itself (ATen's mm).
   at::Tensor prepare(const at::Tensor& w, int64_t batch) const {
@@ -339,7 +343,7 @@ at::Tensor recurrent_matmul_cpu(const at::Tensor& a, const at::Tensor& b, const 
   TORCH_CHECK(!has_bias || (bias->dim() == 1 && bias->size(0) == b.size(1)), "recurrent_matmul: bias must be (N,) = (",
               b.size(1), ",), got ", bias->sizes());
   if (a.scalar_type() == at::kFloat && cpu::step_gemm_available()) {
-    auto out = at::empty({a.size(0), b.size(1)}, a.options());
+    auto out = cpu::ScratchPool::empty({a.size(0), b.size(1)}, at::kFloat);
     return packed_linear(a, pack_step_weight(b.t()), has_bias ? *bias : at::Tensor(), out);
   }
   if (a.scalar_type() == at::kFloat && b.t().is_contiguous() && OneDnnLinear::get() != nullptr) {

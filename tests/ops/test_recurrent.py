@@ -3,6 +3,7 @@ references of fastattn.reference: values and gradients for each kind, lengths (p
 the LSTM projection, odd sizes, low precision by the error-ratio rule, opcheck and torch.compile."""
 
 import itertools
+import threading
 import types
 
 import pytest
@@ -478,6 +479,25 @@ def test_recurrent_matmul(m, k, n, layout, path, monkeypatch):
         ours = torch.ops.fastattn_C.recurrent_matmul(a, b, bias if with_bias else None)
         base = torch.addmm(bias, a, b) if with_bias else a @ b
         assert_error_ratio(ours, a64 @ b64 + (bias64 if with_bias else 0), base)
+
+
+def test_scratch_memory_is_reused(monkeypatch):
+    """The packed kernel's scratch (its packed weight, here also its output) comes from fastattn's pool of CPU blocks:
+    freed, a block serves the next call of its size (no fresh pages to fault in), also when the tensor died on
+    another thread; a tensor too large for the pool comes from torch's allocator."""
+    use_step_gemm("packed", monkeypatch)
+    a, b = torch.randn(64, 8), torch.randn(8, 256)  # output 64 KiB, packed weight 8 KiB: different blocks
+    held = [torch.ops.fastattn_C.recurrent_matmul(a, b, None)]
+    address, expected = held[0].data_ptr(), held[0].clone()
+    assert not held[0].untyped_storage().resizable()  # the pool's, not torch's
+    thread = threading.Thread(target=held.clear)  # the last reference dies on another thread
+    thread.start()
+    thread.join()
+    second = torch.ops.fastattn_C.recurrent_matmul(a, b, None)
+    assert second.data_ptr() == address
+    assert torch.equal(second, expected)
+    large = torch.ops.fastattn_C.recurrent_matmul(torch.randn(4500, 8), torch.randn(8, 1024), None)  # 17.6 MiB
+    assert large.untyped_storage().resizable()
 
 
 def test_recurrent_matmul_checks_its_arguments():
