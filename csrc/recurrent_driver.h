@@ -142,12 +142,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> recurrent_forward_loo
   const int64_t S = s.seq, B = s.batch, H = s.hidden, P = s.proj, GH = s.gates * H, rev = reverse ? 1 : 0;
   auto out = out_into.defined() ? out_into : at::empty({S, B, P}, x_proj.options());
   TORCH_INTERNAL_ASSERT(out.sizes() == at::IntArrayRef({S, B, P}) && out.is_contiguous());
-  auto hstate = cells.scratch({S + 1, B, P}, x_proj.options());
+  // The states reach the caller (h_n, c_n) except in recurrent_inference_loop's calls (those with out_into).
+  const auto states = [&](at::IntArrayRef sizes, const at::TensorOptions& options) {
+    return out_into.defined() ? cells.scratch(sizes, options) : at::empty(sizes, options);
+  };
+  auto hstate = states({S + 1, B, P}, x_proj.options());
   hstate[S * rev].copy_(h0);
   at::Tensor cstate = at::empty({0}, x_proj.options().dtype(compute));
   if (lstm) {
     TORCH_CHECK(c0.has_value() && c0->defined(), "recurrent: the LSTM needs c0");
-    cstate = cells.scratch({S + 1, B, H}, x_proj.options().dtype(compute));
+    cstate = states({S + 1, B, H}, x_proj.options().dtype(compute));
     cstate[S * rev].copy_(*c0);
   }
   const int64_t width = recurrent_saved_width(s.kind, H);
@@ -325,7 +329,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   if (lstm) {
     dc = data_or_null(grad_c_n) ? grad_c_n->to(compute).contiguous().clone() : at::zeros({B, H}, opts.dtype(compute));
   }
-  auto pass = cells.scratch({B, P}, opts), dh_buffer = cells.scratch({B, P}, opts);
+  auto pass = cells.scratch({B, P}, opts), dh_buffer = at::empty({B, P}, opts);  // dh ends as d_h0
   auto d_hp = project ? at::zeros({S, B, P}, opts) : at::Tensor();
   at::Tensor dh_pre, dh_pre_buffer = project ? cells.scratch({B, H}, opts) : at::Tensor();
   const int64_t* len = lengths.has_value() && lengths->defined() ? lengths->data_ptr<int64_t>() : nullptr;

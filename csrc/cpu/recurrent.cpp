@@ -4,14 +4,18 @@
 // call; without AVX-512, large float32 steps go through oneDNN with the weight prepacked (ATen's own
 // mkldnn::_reorder_linear_weight and _linear_pointwise ops, about 1.6x MKL's sgemm at LSTM step shapes), and small
 // steps and other dtypes use ATen's mm. With the packed kernel, each thread usually runs every step on its own rows
-// (row_groups), or for small batches on its own hidden units (unit_threads). recurrent_inference chunks the steps of large inference and adds the input projections (prepacked
-// for oneDNN when large); recurrent_matmul runs the training path's projections on the packed kernel too.
+// (row_groups), or for small batches on its own hidden units (unit_threads). recurrent_inference chunks the steps
+// of large inference and adds the input projections (prepacked for oneDNN when large); recurrent_matmul runs the
+// training path's projections on the packed kernel too. Scratch tensors come from cpu::ScratchPool.
 #include <ATen/Parallel.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/record_function.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
+#include <exception>
+#include <mutex>
 #include <optional>
 #include <string_view>
 
@@ -162,19 +166,39 @@ int64_t unit_threads(RecurrentKind kind, int64_t hidden) {
 #endif
 }
 
-// step(i, p0, p1) for i = 0..S-1 on each of `threads` threads of one OpenMP team, with its own panels [p0, p1) of
-// the `panels` of a gate's units; step synchronises the team itself (#pragma omp barrier).
-template <class Step>
-void for_unit_groups(int64_t threads, int64_t S, int64_t panels, const Step& step) {
+// For i = 0..S-1: before(i, p0, p1), a barrier, after(i, p0, p1), on each of `threads` threads of one OpenMP team,
+// [p0, p1) its own panels of the `panels` of a gate's units. The first exception a thread raises is rethrown once
+// the team is done (the threads skip their remaining work but still meet at every barrier).
+template <class Before, class After>
+void for_unit_groups(int64_t threads, int64_t S, int64_t panels, const Before& before, const After& after) {
 #if defined(_OPENMP)
   RECORD_FUNCTION("fastattn_C::recurrent_unit_loops", std::vector<c10::IValue>());  // visible to torch.profiler
+  std::atomic<bool> failed{false};
+  std::exception_ptr error;
+  std::mutex error_mutex;
+  const auto run = [&](const auto& phase, int64_t i, int64_t p0, int64_t p1) {
+    if (failed.load(std::memory_order_relaxed)) return;
+    try {
+      phase(i, p0, p1);
+    } catch (...) {
+      std::lock_guard<std::mutex> lock(error_mutex);
+      if (!error) error = std::current_exception();
+      failed = true;
+    }
+  };
 #pragma omp parallel num_threads(threads)
   {
     const int64_t team = omp_get_num_threads(), t = omp_get_thread_num();
-    for (int64_t i = 0; i < S; ++i) step(i, panels * t / team, panels * (t + 1) / team);
+    const int64_t p0 = panels * t / team, p1 = panels * (t + 1) / team;
+    for (int64_t i = 0; i < S; ++i) {
+      run(before, i, p0, p1);
+#pragma omp barrier
+      run(after, i, p0, p1);
+    }
   }
+  if (error) std::rethrow_exception(error);
 #else
-  (void)threads, (void)S, (void)panels, (void)step;
+  (void)threads, (void)S, (void)panels, (void)before, (void)after;
 #endif
 }
 
@@ -203,15 +227,15 @@ struct CpuCells {
     if (units > 0) {
       const float* weight = w.data_ptr<float>();
       float* out = hh.data_ptr<float>();
-      for_unit_groups(units, S, panels, [&](int64_t k, int64_t p0, int64_t p1) {
+      const auto step = [&](int64_t k, int64_t p0, int64_t p1) {  // then a barrier: the next step reads all of h
         const RecurrentStepForwardArgs a = step_args(k);
         for (int64_t g = 0; g < N / H; ++g) {  // the columns of each gate for units [p0, p1) * panel width
           cpu::step_gemm(static_cast<const float*>(a.h_prev), K, B, weight, N, K, nullptr, 0, out, N,
                          g * panels + p0, g * panels + p1);
         }
         recurrent_step_forward_cpu_units(a, 0, B, p0 * cpu::kStepGemmPanel, p1 * cpu::kStepGemmPanel);
-#pragma omp barrier
-      });
+      };
+      for_unit_groups(units, S, panels, step, [](int64_t, int64_t, int64_t) {});
       return true;
     }
     return for_row_groups(B, groups, [&](int64_t r0, int64_t r1) {
@@ -235,13 +259,16 @@ struct CpuCells {
     if (units > 0) {  // dh's columns are the units
       const float *weight = w.data_ptr<float>(), *pass_data = pass.data_ptr<float>();
       float* dh_data = dh.data_ptr<float>();
-      for_unit_groups(units, S, N / cpu::kStepGemmPanel, [&](int64_t i, int64_t p0, int64_t p1) {
+      const auto cell = [&](int64_t i, int64_t p0, int64_t p1) {  // then a barrier: the GEMM reads all of d_hh
         RecurrentStepBackwardArgs a = step_args(S - 1 - i);
         a.dh = dh_data;
         recurrent_step_backward_cpu_units(a, 0, B, p0 * cpu::kStepGemmPanel, p1 * cpu::kStepGemmPanel);
-#pragma omp barrier
-        cpu::step_gemm(static_cast<const float*>(a.d_hh), K, B, weight, N, K, pass_data, N, dh_data, N, p0, p1);
-      });
+      };
+      const auto gemm = [&](int64_t i, int64_t p0, int64_t p1) {  // its units of dh, which only its cells read
+        cpu::step_gemm(static_cast<const float*>(step_args(S - 1 - i).d_hh), K, B, weight, N, K, pass_data, N, dh_data,
+                       N, p0, p1);
+      };
+      for_unit_groups(units, S, N / cpu::kStepGemmPanel, cell, gemm);
       return true;
     }
     return for_row_groups(B, groups, [&](int64_t r0, int64_t r1) {
@@ -343,7 +370,7 @@ at::Tensor recurrent_matmul_cpu(const at::Tensor& a, const at::Tensor& b, const 
   TORCH_CHECK(!has_bias || (bias->dim() == 1 && bias->size(0) == b.size(1)), "recurrent_matmul: bias must be (N,) = (",
               b.size(1), ",), got ", bias->sizes());
   if (a.scalar_type() == at::kFloat && cpu::step_gemm_available()) {
-    auto out = cpu::ScratchPool::empty({a.size(0), b.size(1)}, at::kFloat);
+    auto out = at::empty({a.size(0), b.size(1)}, a.options());  // not pooled: it may become a user's gradient
     return packed_linear(a, pack_step_weight(b.t()), has_bias ? *bias : at::Tensor(), out);
   }
   if (a.scalar_type() == at::kFloat && b.t().is_contiguous() && OneDnnLinear::get() != nullptr) {

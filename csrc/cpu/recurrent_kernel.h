@@ -20,8 +20,9 @@ void recurrent_step_forward_cpu_units(const RecurrentStepForwardArgs& args, int6
 // The gradients of one step's pointwise part for rows [row_begin, row_end).
 void recurrent_step_backward_cpu_rows(const RecurrentStepBackwardArgs& args, int64_t row_begin, int64_t row_end);
 
-// The same for hidden units [unit_begin, unit_end) of those rows: reads and writes only those units of dh, dc, pass
-// and (of each gate) d_hh and d_x. All H units for the LayerNorm-LSTM.
+// The same for hidden units [unit_begin, unit_end) of those rows: writes only those units of dc, pass and (of each
+// gate) d_hh and d_x, and in float32 / float64 also reads only those of dh (half and bfloat16 convert whole rows).
+// All H units for the LayerNorm-LSTM.
 void recurrent_step_backward_cpu_units(const RecurrentStepBackwardArgs& args, int64_t row_begin, int64_t row_end,
                                        int64_t unit_begin, int64_t unit_end);
 

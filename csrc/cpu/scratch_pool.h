@@ -4,7 +4,8 @@
 // call allocates afresh is page-faulted in again on every call: about 1 us per 4 KiB page on the project's machine,
 // 0.8 ms of a 1.8 ms batch-1 LSTM layer. The blocks of ScratchPool's tensors go back to the pool when the tensors
 // die (up to kMaxKeptBytes in all; larger blocks, and those past the limit, go back to the system), and the next
-// request that fits one takes it. Thread-safe: a tensor may die on any thread.
+// request that fits one takes it. Thread-safe: a tensor may die on any thread. Their storage cannot be resized, so
+// only for tensors that stay inside fastattn (not outputs or gradients a user may hold).
 #pragma once
 #include <ATen/ATen.h>
 
@@ -39,13 +40,14 @@ class ScratchPool {
     return *instance;
   }
 
-  // The smallest kept block of bytes to 2 x bytes, else a new one: (data, its size).
+  // The smallest kept block of bytes to 2 x bytes (of those, the last freed, likeliest still in cache), else a new
+  // one: (data, its size).
   std::pair<void*, size_t> take(size_t bytes) {
     {
       std::lock_guard<std::mutex> lock(mutex_);
       auto best = blocks_.end();
       for (auto it = blocks_.begin(); it != blocks_.end(); ++it) {
-        if (it->second >= bytes && it->second <= 2 * bytes && (best == blocks_.end() || it->second < best->second)) {
+        if (it->second >= bytes && it->second <= 2 * bytes && (best == blocks_.end() || it->second <= best->second)) {
           best = it;
         }
       }

@@ -13,7 +13,7 @@ Semantics, shapes and parameter names are those of :func:`fastattn.reference.rec
 
 from __future__ import annotations
 
-import functools
+import threading
 from typing import Optional
 
 import torch
@@ -228,25 +228,32 @@ run_recurrent = EagerOp(recurrent_op, _recurrent, _setup_context, _backward)
 # ---------------------------------------------------------------------------------------------------------
 
 
-def _recurrent_matmul_fake(a: Tensor, b: Tensor, bias: Optional[Tensor]) -> Tensor:
+def _recurrent_matmul_fake(a: Tensor, b: Tensor, bias: Optional[Tensor] = None) -> Tensor:
     return a.new_empty(a.shape[0], b.shape[1])
 
 
-def _recurrent_inference_fake(kind: int, x: Tensor, w_ih: Tensor, b_ih, h0: Tensor, c0, w_hh: Tensor, *_):
+def _recurrent_inference_fake(kind: int, x: Tensor, w_ih: Tensor, b_ih, h0: Tensor, c0, w_hh: Tensor, *_, **__):
     """(out (S, B, P), h_n (B, P), c_n (B, H) for the LSTMs, else empty (0,))."""
     gates = reference.RECURRENT_GATES[KINDS[kind]]
     cell = x.new_empty(x.shape[1], w_hh.shape[0] // gates) if gates == 4 else x.new_empty(0)
     return x.new_empty(*x.shape[:2], w_hh.shape[1]), x.new_empty(x.shape[1], w_hh.shape[1]), cell
 
 
-@functools.cache
+_FAKES_LOCK = threading.Lock()  # two threads' first calls must not both register
+_fakes_registered = False
+
+
 def _cpu_ops():
-    """torch.ops.fastattn_C, with the fake kernels above registered (the extension must load)."""
-    module, reason = backends.extension()
-    if module is None:
-        raise RuntimeError(reason)
-    torch.library.register_fake("fastattn_C::recurrent_matmul", _recurrent_matmul_fake)
-    torch.library.register_fake("fastattn_C::recurrent_inference", _recurrent_inference_fake)
+    """torch.ops.fastattn_C, with the fake kernels above registered on the first call (the extension must load)."""
+    global _fakes_registered
+    with _FAKES_LOCK:
+        if not _fakes_registered:
+            module, reason = backends.extension()
+            if module is None:
+                raise RuntimeError(reason)
+            torch.library.register_fake("fastattn_C::recurrent_matmul", _recurrent_matmul_fake)
+            torch.library.register_fake("fastattn_C::recurrent_inference", _recurrent_inference_fake)
+            _fakes_registered = True
     return torch.ops.fastattn_C
 
 

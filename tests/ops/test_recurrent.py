@@ -482,22 +482,33 @@ def test_recurrent_matmul(m, k, n, layout, path, monkeypatch):
 
 
 def test_scratch_memory_is_reused(monkeypatch):
-    """The packed kernel's scratch (its packed weight, here also its output) comes from fastattn's pool of CPU blocks:
-    freed, a block serves the next call of its size (no fresh pages to fault in), also when the tensor died on
-    another thread; a tensor too large for the pool comes from torch's allocator."""
+    """The CPU loops' scratch (packed weights, buffers, the values saved for backward) comes from fastattn's pool of
+    CPU blocks: freed, a block serves the next call of its size (no fresh pages to fault in), also when its tensor
+    died on another thread; a tensor too large for the pool comes from torch's allocator, and so does what may reach
+    a user (the output, the states, recurrent_matmul's product: resizable, as torch's tensors are)."""
     use_step_gemm("packed", monkeypatch)
-    a, b = torch.randn(64, 8), torch.randn(8, 256)  # output 64 KiB, packed weight 8 KiB: different blocks
-    held = [torch.ops.fastattn_C.recurrent_matmul(a, b, None)]
-    address, expected = held[0].data_ptr(), held[0].clone()
-    assert not held[0].untyped_storage().resizable()  # the pool's, not torch's
+    w_hh = torch.randn(384, 96)
+
+    def saved_values(batch):  # (out, hstate, cstate, saved) of an LSTM layer, 6 steps
+        x_proj, state = torch.randn(6, batch, 384), torch.zeros(batch, 96)
+        return torch.ops.fastattn_C.recurrent_forward(ops.KIND_IDS["lstm"], x_proj, state, state, w_hh, None, None,
+                                                      None, False, True, None, None, None, None, 1e-5)  # fmt: skip
+
+    *outputs, saved = saved_values(3)
+    assert all(t.untyped_storage().resizable() for t in outputs)
+    assert not saved.untyped_storage().resizable()  # the pool's
+    address, expected = saved.data_ptr(), saved.clone()
+    held = [saved]
+    del saved
     thread = threading.Thread(target=held.clear)  # the last reference dies on another thread
     thread.start()
     thread.join()
-    second = torch.ops.fastattn_C.recurrent_matmul(a, b, None)
+    second = saved_values(3)[3]
     assert second.data_ptr() == address
-    assert torch.equal(second, expected)
-    large = torch.ops.fastattn_C.recurrent_matmul(torch.randn(4500, 8), torch.randn(8, 1024), None)  # 17.6 MiB
-    assert large.untyped_storage().resizable()
+    assert not torch.equal(second, expected)  # new values in the old block
+    assert saved_values(2000)[3].untyped_storage().resizable()  # 18 MB
+    product = torch.ops.fastattn_C.recurrent_matmul(torch.randn(4, 8), torch.randn(8, 16), None)
+    assert product.untyped_storage().resizable()
 
 
 def test_recurrent_matmul_checks_its_arguments():
