@@ -25,6 +25,7 @@ PYBIND11_MODULE(_C, module) {
     info["cuda_status"] = FASTATTN_CUDA_STATUS;
     info["cuda_archs"] = FASTATTN_CUDA_ARCHS;
     info["cpu_step_gemm"] = fastattn::cpu::step_gemm_available();  // the recurrent steps' AVX-512 GEMM
+    info["cpu_step_gemm_large"] = fastattn::cpu::step_gemm_takes_large();  // ... for large products too
     return info;
   });
 }

@@ -55,7 +55,8 @@ def main() -> None:
     else:
         cuda = f"CUDA kernels for {ext['cuda_archs']}" if ext["cuda"] else f"no CUDA kernels ({ext['cuda_status']})"
         print(f"fastattn._C: loaded, C++ CPU kernels, {cuda}")
-        gemm = ("the AVX-512 step GEMM (FASTATTN_CPU_STEP_GEMM=0 turns it off)" if ext["cpu_step_gemm"]
+        large = "" if ext["cpu_step_gemm_large"] else ", large ones on oneDNN (an Intel CPU; =1 keeps them here)"
+        gemm = (f"the AVX-512 step GEMM{large} (FASTATTN_CPU_STEP_GEMM=0 turns it off)" if ext["cpu_step_gemm"]
                 else "oneDNN / ATen's mm (not the AVX-512 step GEMM: no AVX-512F, or FASTATTN_CPU_STEP_GEMM=0)")
         print(f"CPU recurrent steps multiply on {gemm}")
     for device, statuses in info["backends"].items():

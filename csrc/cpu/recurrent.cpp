@@ -1,12 +1,13 @@
 // CPU implementation of the fastattn_C recurrent ops (schemas in csrc/fastattn.cpp): the time loop of
 // csrc/recurrent_driver.h with the pointwise cells of csrc/cpu/recurrent_kernel.cpp, each step's rows split over
 // at::parallel_for. Float32 steps multiply on csrc/cpu/step_gemm.h's AVX-512 kernel with the weight packed once per
-// call; without AVX-512, large float32 steps go through oneDNN with the weight prepacked (ATen's own
-// mkldnn::_reorder_linear_weight and _linear_pointwise ops, about 1.6x MKL's sgemm at LSTM step shapes), and small
-// steps and other dtypes use ATen's mm. With the packed kernel, each thread usually runs every step on its own rows
-// (row_groups), or for small batches on its own hidden units (unit_threads). recurrent_inference chunks the steps
-// of large inference and adds the input projections (prepacked for oneDNN when large); recurrent_matmul runs the
-// training path's projections on the packed kernel too. Scratch tensors come from cpu::ScratchPool.
+// call (on Intel CPUs only steps below kLargeStepMinMacs); otherwise large float32 steps go through oneDNN with the
+// weight prepacked (ATen's own mkldnn::_reorder_linear_weight and _linear_pointwise ops, about 1.6x MKL's sgemm at
+// LSTM step shapes), and small steps and other dtypes use ATen's mm. With the packed kernel, each thread usually
+// runs every step on its own rows (row_groups), or for small batches on its own hidden units (unit_threads).
+// recurrent_inference chunks the steps of large inference and adds the input projections (prepacked for oneDNN when
+// large); recurrent_matmul runs the training path's projections on the packed kernel too (large ones as the steps).
+// Scratch tensors come from cpu::ScratchPool.
 #include <ATen/Parallel.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/record_function.h>
@@ -76,6 +77,16 @@ constexpr int64_t kOneDnnMinMacs = int64_t(1) << 22;
 // The input projections' weight is prepacked when they take this many multiply-adds in all (the reorder costs
 // about 0.1 ms even for a small weight).
 constexpr int64_t kProjectionPrepackMinMacs = int64_t(1) << 28;
+// Large products: steps of at least kLargeStepMinMacs (an LSTM's from batch 32 and hidden 512) and projections of at
+// least kProjectionPrepackMinMacs in all. Unless cpu::step_gemm_takes_large(), oneDNN takes them from the packed
+// kernel (on a 2-core Xeon, LSTM 100x64x512x512 inference 0.87-0.91x nn.LSTM -> 0.91-0.99x).
+constexpr int64_t kLargeStepMinMacs = int64_t(1) << 25;
+
+// Whether a float32 product of `macs` multiply-adds (`large` or more is large) runs on the packed kernel.
+bool packed_takes(int64_t macs, int64_t large) {
+  return cpu::step_gemm_available() &&
+         (macs < large || cpu::step_gemm_takes_large() || OneDnnLinear::get() == nullptr);
+}
 
 // Float32 step matmuls run on the packed AVX-512 kernel of csrc/cpu/step_gemm.h where the CPU has it (near peak from a
 // batch of 8 up, where MKL and oneDNN pay per-call overheads), split over threads by weight panels of at least this
@@ -284,21 +295,24 @@ struct CpuCells {
   at::Tensor scratch(at::IntArrayRef sizes, const at::TensorOptions& options) const {
     return cpu::ScratchPool::empty(sizes, options.dtype().toScalarType());
   }
-  // w (N, K) in float32 packed for cpu::step_gemm where the CPU runs it, else prepacked for oneDNN when large enough;
-  // otherwise w itself (ATen's mm).
+  // w (N, K) float32 for steps of `batch` rows: packed for cpu::step_gemm where packed_takes them, else prepacked for
+  // oneDNN when large enough; otherwise w itself (ATen's mm).
   at::Tensor prepare(const at::Tensor& w, int64_t batch) const {
     if (w.scalar_type() != at::kFloat) return w;
-    if (cpu::step_gemm_available()) return pack_step_weight(w);
-    const bool large = batch * w.size(0) * w.size(1) >= kOneDnnMinMacs;
-    if (large && OneDnnLinear::get() != nullptr) return OneDnnLinear::get()->prepack(w.contiguous(), batch);
+    const int64_t macs = batch * w.size(0) * w.size(1);
+    if (packed_takes(macs, kLargeStepMinMacs)) return pack_step_weight(w);
+    if (macs >= kOneDnnMinMacs && OneDnnLinear::get() != nullptr) {
+      return OneDnnLinear::get()->prepack(w.contiguous(), batch);
+    }
     return w;
   }
   // w_ih (G*H, I) for input projections of `rows` rows a call, `total` rows in all: as prepare, except that oneDNN
   // takes only projections large enough to repay its reorder.
   at::Tensor prepare_input(const at::Tensor& w, int64_t rows, int64_t total) const {
-    if (w.scalar_type() == at::kFloat && cpu::step_gemm_available()) return pack_step_weight(w);
-    const bool large = total * w.size(0) * w.size(1) >= kProjectionPrepackMinMacs;
-    if (large && w.scalar_type() == at::kFloat && OneDnnLinear::get() != nullptr) {
+    if (w.scalar_type() != at::kFloat) return w;
+    const int64_t macs = total * w.size(0) * w.size(1);
+    if (packed_takes(macs, kProjectionPrepackMinMacs)) return pack_step_weight(w);
+    if (macs >= kProjectionPrepackMinMacs && OneDnnLinear::get() != nullptr) {
       return OneDnnLinear::get()->prepack(w, rows);
     }
     return w;
@@ -369,7 +383,7 @@ at::Tensor recurrent_matmul_cpu(const at::Tensor& a, const at::Tensor& b, const 
               "recurrent_matmul: a, b and bias must share a dtype");
   TORCH_CHECK(!has_bias || (bias->dim() == 1 && bias->size(0) == b.size(1)), "recurrent_matmul: bias must be (N,) = (",
               b.size(1), ",), got ", bias->sizes());
-  if (a.scalar_type() == at::kFloat && cpu::step_gemm_available()) {
+  if (a.scalar_type() == at::kFloat && packed_takes(a.size(0) * a.size(1) * b.size(1), kProjectionPrepackMinMacs)) {
     auto out = at::empty({a.size(0), b.size(1)}, a.options());  // not pooled: it may become a user's gradient
     return packed_linear(a, pack_step_weight(b.t()), has_bias ? *bias : at::Tensor(), out);
   }

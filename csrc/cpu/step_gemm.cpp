@@ -33,6 +33,20 @@ bool step_gemm_available() {
   return step_gemm_supported() && (setting == nullptr || std::strcmp(setting, "0") != 0);
 }
 
+bool step_gemm_takes_large() {
+  const char* setting = std::getenv("FASTATTN_CPU_STEP_GEMM");
+  if (setting != nullptr && std::strcmp(setting, "1") == 0) return true;
+#if defined(FASTATTN_STEP_GEMM)
+  static const bool intel = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_is("intel") != 0;
+  }();
+  return !intel;
+#else
+  return false;
+#endif
+}
+
 // The packing of W's rows runs over K in blocks of this many values (about twice as fast as whole rows).
 constexpr int64_t kPackKBlock = 64;
 

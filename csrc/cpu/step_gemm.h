@@ -15,6 +15,10 @@ constexpr int64_t kStepGemmPanel = 32;
 // variable FASTATTN_CPU_STEP_GEMM is not 0 (0 sends the steps back to oneDNN / ATen's mm).
 bool step_gemm_supported();
 bool step_gemm_available();
+// Whether the kernel also takes large products (csrc/cpu/recurrent.cpp says which), where it is available: with
+// FASTATTN_CPU_STEP_GEMM=1, and by default except on Intel CPUs, whose two 512-bit FMA units oneDNN's blocked GEMM
+// keeps busier than this kernel's 8-row blocks do.
+bool step_gemm_takes_large();
 
 inline int64_t step_gemm_panels(int64_t n) { return (n + kStepGemmPanel - 1) / kStepGemmPanel; }
 
