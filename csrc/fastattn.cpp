@@ -102,7 +102,8 @@ TORCH_LIBRARY(fastattn_C, m) {
         "Tensor? norm_hh_weight, Tensor? norm_hh_bias, Tensor? norm_c_weight, Tensor? norm_c_bias) "
         "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   // out (M, N) = a (M, K) b (K, N) (+ bias (N,)): the recurrent layers' input projections and their gradient, float32
-  // on the CPU's packed step GEMM (csrc/cpu/step_gemm.h) where it runs, else oneDNN or ATen's addmm. CPU only.
+  // on the CPU's packed step GEMM (csrc/cpu/step_gemm.h) where it runs (on Intel CPUs, not the largest), else oneDNN
+  // or ATen's addmm. CPU only.
   m.def("recurrent_matmul(Tensor a, Tensor b, Tensor? bias) -> Tensor");
   // Convolution epilogue (see csrc/conv_epilogue.h): out = maxpool2x2(act(y + bias[c])), the pool optional, with y
   // (N, C, H, W) NCHW (unit stride over W) or NHWC (unit stride over C, W's stride C), in y's dtype; bias None or

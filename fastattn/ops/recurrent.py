@@ -259,7 +259,8 @@ def _cpu_ops():
 
 # ---------------------------------------------------------------------------------------------------------
 # The input projections of every step: one matmul. On the CPU in float32 through fastattn_C's recurrent_matmul (the
-# packed AVX-512 step GEMM, else oneDNN), which has no autograd formula of its own: _CpuProjection gives it one.
+# packed AVX-512 step GEMM, else or for large ones on Intel CPUs oneDNN), which has no autograd formula of its own:
+# _CpuProjection gives it one.
 # ---------------------------------------------------------------------------------------------------------
 
 
