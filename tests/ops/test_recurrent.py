@@ -172,6 +172,17 @@ def test_on_a_gpu_triton_takes_only_the_persistent_layers():
     assert check(types.SimpleNamespace(dtype=torch.int32, device=torch.device("cuda")), "gru", False, 8) is not None
 
 
+def assert_float32_error_ratios(kind, problem, lengths, values, grads):
+    """Our values and gradients of a float32 `problem` by the error-ratio rule against the float64 reference."""
+    baseline_values, baseline_grads = run(reference.recurrent_layer, kind, problem, lengths, False)
+    truth_values, truth_grads = run(reference.recurrent_layer, kind, as_float64(problem), lengths, False)
+    for ours, base, truth in zip(values, baseline_values, truth_values, strict=True):
+        if truth is not None:
+            assert_error_ratio(ours, truth, base)
+    for ours, base, truth in zip(grads, baseline_grads, truth_grads, strict=True):
+        assert_error_ratio(ours, truth, base, ratio=GRADIENT_RATIO, name="gradient")
+
+
 def use_step_gemm(path, monkeypatch):
     """Sends the CPU's float32 step matmuls and projections to `path`: "packed", the AVX-512 step GEMM, large products
     included (FASTATTN_CPU_STEP_GEMM=1; skipped where the CPU lacks AVX-512F), or "fallback" (=0): oneDNN's
@@ -204,13 +215,7 @@ def test_float32_step_matmuls(kind, batch, hidden, proj, path, monkeypatch):
         values, grads = run(ops.recurrent_layer, kind, problem, lengths, False)
     macs = batch * reference.RECURRENT_GATES[kind] * hidden * (proj or hidden)
     assert step_gemm_event(path, macs) in {event.name for event in prof.events()}
-    baseline_values, baseline_grads = run(reference.recurrent_layer, kind, problem, lengths, False)
-    truth_values, truth_grads = run(reference.recurrent_layer, kind, as_float64(problem), lengths, False)
-    for ours, base, truth in zip(values, baseline_values, truth_values, strict=True):
-        if truth is not None:
-            assert_error_ratio(ours, truth, base)
-    for ours, base, truth in zip(grads, baseline_grads, truth_grads, strict=True):
-        assert_error_ratio(ours, truth, base, ratio=GRADIENT_RATIO, name="gradient")
+    assert_float32_error_ratios(kind, problem, lengths, values, grads)
 
 
 @pytest.mark.parametrize("setting", ["default", "1"])
@@ -228,13 +233,7 @@ def test_large_products(setting, monkeypatch):
     with torch.profiler.profile() as prof:
         values, grads = run(ops.recurrent_layer, "lstm", problem, None, False)
     assert ("mkldnn::_linear_pointwise" in {event.name for event in prof.events()}) == (not packed)
-    baseline_values, baseline_grads = run(reference.recurrent_layer, "lstm", problem, None, False)
-    truth_values, truth_grads = run(reference.recurrent_layer, "lstm", as_float64(problem), None, False)
-    for ours, base, truth in zip(values, baseline_values, truth_values, strict=True):
-        if truth is not None:
-            assert_error_ratio(ours, truth, base)
-    for ours, base, truth in zip(grads, baseline_grads, truth_grads, strict=True):
-        assert_error_ratio(ours, truth, base, ratio=GRADIENT_RATIO, name="gradient")
+    assert_float32_error_ratios("lstm", problem, None, values, grads)
 
     x, w = torch.randn(4096, 256), torch.randn(256, 256)  # 2^28 multiply-adds
     with torch.profiler.profile() as prof:
@@ -572,13 +571,13 @@ def test_layers_run_in_a_forked_child(set_threads, monkeypatch):
         for _ in range(10):
             pid = os.fork()
             if pid == 0:  # the child: exit status 0 when the values match, never back into pytest
-                status = 1
+                code = 1
                 try:
                     torch.set_num_threads(1)
                     with torch.no_grad():
-                        status = 0 if torch.equal(ops.recurrent_layer("lstm", *problem)[0], expected) else 1
+                        code = 0 if torch.equal(ops.recurrent_layer("lstm", *problem)[0], expected) else 1
                 finally:
-                    os._exit(status)
+                    os._exit(code)
             deadline = time.monotonic() + 60
             while (status := os.waitpid(pid, os.WNOHANG))[0] == 0 and time.monotonic() < deadline:
                 time.sleep(0.01)
