@@ -105,6 +105,9 @@ TORCH_LIBRARY(fastattn_C, m) {
   // on the CPU's packed step GEMM (csrc/cpu/step_gemm.h) where it runs (on Intel CPUs, not the largest), else oneDNN
   // or ATen's addmm. CPU only.
   m.def("recurrent_matmul(Tensor a, Tensor b, Tensor? bias) -> Tensor");
+  // out (M, N) = x (M, K) weight^T (+ bias (N,)) for at most 16 rows (csrc/cpu/decode_linear_kernel.h), float32:
+  // the linears of a decoding step. CPU only.
+  m.def("decode_linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
   // Convolution epilogue (see csrc/conv_epilogue.h): out = maxpool2x2(act(y + bias[c])), the pool optional, with y
   // (N, C, H, W) NCHW (unit stride over W) or NHWC (unit stride over C, W's stride C), in y's dtype; bias None or
   // contiguous (C,) in float32 (float64 for float64 y); activation one of none, relu, gelu, gelu_tanh, silu; pool:

@@ -209,6 +209,13 @@ def select(op: str, device: torch.device, checks: dict[str, Check], *args) -> st
     raise BackendError(f"fastattn.{op}: no backend can run these inputs ({detail})")
 
 
+def report_run(op: str, backend: str) -> None:
+    """Record (and log at DEBUG) that ``op`` ran on ``backend``, for ops that pick their kernel without
+    :func:`select`."""
+    if _recorders.get() or logger.isEnabledFor(logging.DEBUG):
+        _report(Dispatch(op, backend), refused=False)
+
+
 def report_fallback(op: str, runner: str, reason: str) -> None:
     """Record (and log at INFO) that a module ran ``op`` outside fastattn's kernels, on ``runner``, and why."""
     _report(Dispatch(op, runner, {"fastattn": reason}), refused=True)

@@ -89,11 +89,22 @@ class BertMLM(nn.Module):
             token_type_ids = torch.zeros_like(input_ids)
         padding = None if attention_mask is None else attention_mask == 0  # (batch, seq), True = padding
         x = self.embeddings(input_ids, token_type_ids)  # (batch, seq, hidden)
-        logits = self.head(self.encoder(x, src_key_padding_mask=padding))  # (batch, seq, vocab_size)
+        z = self.head.transform(self.encoder(x, src_key_padding_mask=padding))  # (batch, seq, hidden)
+        logits = self.head.decoder(z)  # (batch, seq, vocab_size)
         if labels is None:
             return logits
-        log_probs = log_softmax(logits.flatten(0, 1), dim=-1)  # (batch * seq, vocab_size)
-        return F.nll_loss(log_probs, labels.flatten(), ignore_index=IGNORE_INDEX), logits
+        return self._loss(z.flatten(0, 1), logits.flatten(0, 1), labels.flatten()), logits
+
+    def _loss(self, z: Tensor, logits: Tensor, labels: Tensor) -> Tensor:
+        """The mean cross-entropy over the labelled rows of z (rows, hidden), logits (rows, vocab_size) = its
+        decoding, labels (rows,). When at most half the rows are labelled (BERT labels 15%), the log-softmax runs
+        on the labelled rows' logits alone, decoded again from z, so that the loss's backward through the decoder
+        and the log-softmax takes those rows only; compiled graphs keep to every row (static shapes)."""
+        if not torch.compiler.is_compiling():
+            picked = (labels != IGNORE_INDEX).nonzero().squeeze(1)  # on a GPU, one synchronisation
+            if 2 * picked.numel() <= labels.numel():
+                logits, labels = self.head.decoder(z[picked]), labels[picked]
+        return F.nll_loss(log_softmax(logits, dim=-1), labels, ignore_index=IGNORE_INDEX)
 
 
 class TorchBertMLM(nn.Module):
@@ -190,7 +201,11 @@ class MaskedLMHead(nn.Module):
         self.decoder = nn.Linear(hidden, vocab_size)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.decoder(self.norm(F.gelu(self.dense(x))))
+        return self.decoder(self.transform(x))
+
+    def transform(self, x: Tensor) -> Tensor:
+        """norm(gelu(dense(x))): the decoder's input, (..., hidden)."""
+        return self.norm(F.gelu(self.dense(x)))
 
 
 class TorchMaskedLMHead(nn.Module):

@@ -28,6 +28,7 @@ from fastattn.nn.transformer import (
     TransformerEncoderLayer,
 )
 from fastattn.ops.attention import attention
+from fastattn.ops.decode_linear import decode_linear
 from fastattn.ops.kvcache import attention_with_kvcache
 
 NextLogits = Callable[[Tensor], Tensor]  # tokens so far (batch, t) -> logits of the next token (batch, vocab)
@@ -316,7 +317,7 @@ class _CachedDecoder:
             x = _decoder_layer_step(layer, x, self_kv, cross_kv, self.memory_padding, lengths)
         if self.model.decoder.norm is not None:
             x = self.model.decoder.norm(x)
-        return self.model.lm_head(x[:, 0])
+        return _linear(self.model.lm_head, x[:, 0])
 
 
 def _decoder_layer_step(
@@ -337,7 +338,7 @@ def _decoder_layer_step(
         return _cross_attention(layer.multihead_attn, h, *cross_kv, memory_padding)
 
     def feed_forward(h: Tensor) -> Tensor:
-        return layer.linear2(layer.activation(layer.linear1(h)))
+        return _linear(layer.linear2, layer.activation(_linear(layer.linear1, h)))
 
     if layer.norm_first:
         x = x + self_attention(layer.norm1(x))
@@ -352,10 +353,10 @@ def _self_attention_step(
     attn: torch.nn.MultiheadAttention, x: Tensor, k_cache: Tensor, v_cache: Tensor, lengths: Tensor
 ) -> Tensor:
     """x (batch, 1, E) attends to the cached keys and itself; its key/value are written at ``lengths``."""
-    qkv = F.linear(x, attn.in_proj_weight, attn.in_proj_bias).unflatten(-1, (3, attn.num_heads, -1))
+    qkv = decode_linear(x, attn.in_proj_weight, attn.in_proj_bias).unflatten(-1, (3, attn.num_heads, -1))
     q, k, v = qkv.permute(2, 0, 3, 1, 4)  # each (batch, heads, 1, head_dim)
     out = attention_with_kvcache(q, k_cache, v_cache, lengths, k, v, causal=True)  # (batch, heads, 1, head_dim)
-    return attn.out_proj(out.transpose(1, 2).flatten(2))
+    return _linear(attn.out_proj, out.transpose(1, 2).flatten(2))
 
 
 def _memory_kv(attn: torch.nn.MultiheadAttention, memory: Tensor) -> tuple[Tensor, Tensor]:
@@ -373,9 +374,18 @@ def _cross_attention(
     """x (batch, 1, E) attends to the memory's keys/values, skipping its padding."""
     e = attn.embed_dim
     bias = None if attn.in_proj_bias is None else attn.in_proj_bias[:e]
-    q = F.linear(x, attn.in_proj_weight[:e], bias).unflatten(-1, (attn.num_heads, -1)).transpose(1, 2)
+    q = decode_linear(x, attn.in_proj_weight[:e], bias).unflatten(-1, (attn.num_heads, -1)).transpose(1, 2)
     out = attention(q, k, v, key_padding_mask=memory_padding)  # (batch, heads, 1, head_dim)
-    return attn.out_proj(out.transpose(1, 2).flatten(2))
+    return _linear(attn.out_proj, out.transpose(1, 2).flatten(2))
+
+
+def _linear(linear: torch.nn.Module, x: Tensor) -> Tensor:
+    """``linear(x)`` for a step's few rows: on :func:`fastattn.ops.decode_linear.decode_linear` when ``linear`` runs
+    ``nn.Linear``'s forward and has no forward hooks, else through its own forward (overrides and hooks still run)."""
+    plain = isinstance(linear, torch.nn.Linear) and type(linear).forward is torch.nn.Linear.forward
+    if plain and not (linear._forward_hooks or linear._forward_pre_hooks):
+        return decode_linear(x, linear.weight, linear.bias)
+    return linear(x)
 
 
 __all__ = ["Seq2SeqTransformer", "TorchSeq2SeqTransformer"]

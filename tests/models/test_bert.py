@@ -171,6 +171,23 @@ def test_loss_is_the_mean_cross_entropy_over_labelled_positions():
     assert torch.isnan(ours(input_ids, labels=all_ignored)[0])  # as torch's cross_entropy: 0 / 0
 
 
+@pytest.mark.parametrize("labelled", ["one", "most"])
+def test_loss_gradients_match_the_twin_with_few_or_most_positions_labelled(labelled):
+    """The loss decodes the labelled rows again when they are at most half of all (its backward then takes them
+    alone), else uses every row's logits: both give the twin's loss and gradients."""
+    ours, twin = _pair("ours_to_twin")
+    input_ids, token_type_ids, attention_mask, labels = _inputs()
+    if labelled == "one":
+        labels = torch.full_like(labels, -100)
+        labels[0, 1] = 7
+    else:
+        labels = torch.randint(0, VOCAB, labels.shape, generator=torch.Generator().manual_seed(5))
+        labels[attention_mask == 0] = -100
+        assert (labels != -100).float().mean() > 0.5
+    ours.train(), twin.train()
+    _assert_same(ours, twin, (input_ids, token_type_ids, attention_mask, labels))
+
+
 def test_padded_tokens_do_not_reach_real_positions():
     ours, _ = _pair("ours_to_twin")
     input_ids, token_type_ids, attention_mask, _ = _inputs()

@@ -164,12 +164,16 @@ def test_greedy_picks_the_argmax_and_top_k_restricts_samples():
 
 
 def test_cache_runs_attention_with_kvcache():
-    ours, _ = _models()
+    ours, _ = _models(dtype=torch.float32)
     with fastattn.record() as calls:
         tokens = ours.generate(_src(), 5)
     ops = [call.op for call in calls]
     steps, layers = tokens.shape[1] - 1, len(ours.decoder.layers)
     assert ops.count("attention_kvcache") == steps * layers
+    # Per step and layer: the self-attention in- and out-projections, the cross-attention query and out-projections
+    # and the two feed-forward linears; then the LM head. All float32 on the CPU: the decode_linear kernel.
+    linears = [call for call in calls if call.op == "decode_linear"]
+    assert len(linears) == steps * (6 * layers + 1) and {call.backend for call in linears} == {"cpu"}
     with fastattn.record() as calls:
         ours.generate(_src(), 5, use_cache=False)
     assert "attention_kvcache" not in [call.op for call in calls]
