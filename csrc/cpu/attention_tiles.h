@@ -31,9 +31,9 @@
 // registers and contracts a * b + c to FMA (on the project's 2-core AMD EPYC the micro-kernel alone runs at
 // about 90 GFLOP/s per core in float, the whole forward at about 90% of that). exp is the branch-free
 // polynomial of the softmax kernel (exp_of), so the softmax loops vectorise too. Without AVX-512 the float GEMM
-// runs micro_kernel_ymm instead, whose 3 x 32 block fits the 16 AVX2 registers. The next key tile's rows are prefetched. The entry points are
-// compiled for AVX-512, AVX2 + FMA and baseline x86-64 (target_clones); the loader picks the best one this CPU
-// supports. Each task's result depends only on its inputs, so outputs are bitwise the same for any number of
+// runs micro_kernel_ymm instead, whose 3 x 32 block fits the 16 AVX2 registers. The next key tile's rows are
+// prefetched. The entry points are compiled for AVX-512, AVX2 + FMA and baseline x86-64 (target_clones); the
+// loader picks the best one this CPU supports. Each task's result depends only on its inputs, so outputs are bitwise the same for any number of
 #pragma once
 
 #include <algorithm>
