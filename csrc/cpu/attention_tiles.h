@@ -33,7 +33,8 @@
 // polynomial of the softmax kernel (exp_of), so the softmax loops vectorise too. Without AVX-512 the float GEMM
 // runs micro_kernel_ymm instead, whose 3 x 32 block fits the 16 AVX2 registers. The next key tile's rows are
 // prefetched. The entry points are compiled for AVX-512, AVX2 + FMA and baseline x86-64 (target_clones); the
-// loader picks the best one this CPU supports. Each task's result depends only on its inputs, so outputs are bitwise the same for any number of
+// loader picks the best one this CPU supports. Each task's result depends only on its inputs, so outputs are
+// bitwise the same for any number of threads.
 #pragma once
 
 #include <algorithm>
