@@ -105,7 +105,9 @@ def extensions():
     os.environ.setdefault("MAX_JOBS", default_max_jobs())
     # torch picks the C++ standard its headers need. -fopenmp: ATen's at::parallel_for is an OpenMP pragma in
     # a header, so without it the CPU kernels would run on one thread (libgomp is the one torch loads).
-    cxx = ["-O3", "-fvisibility=hidden", "-fopenmp"]
+    # -fno-trapping-math: no kernel reads floating-point exception flags, and without AVX-512's masked lanes g++
+    # only turns branches that may trap (exp_of's range checks) into vector selects when told they cannot.
+    cxx = ["-O3", "-fvisibility=hidden", "-fopenmp", "-fno-trapping-math"]
     cpp = sources("*.cpp") + sources("cpu/*.cpp")
     kwargs = dict(include_dirs=[str(CSRC)], extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"])
     archs = ""

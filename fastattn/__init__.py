@@ -27,6 +27,7 @@ from fastattn.nn.conv import ConvBNAct, FusedConv2d
 from fastattn.nn.positional import LearnedPositionalEmbedding, SinusoidalPositionalEncoding, TokenAndPositionEmbedding
 from fastattn.ops.attention import attention, scaled_dot_product_attention
 from fastattn.ops.conv_epilogue import conv_epilogue
+from fastattn.ops.decode_linear import decode_linear
 from fastattn.ops.dropout import dropout
 from fastattn.ops.kvcache import attention_with_kvcache
 from fastattn.ops.norm import dropout_add_norm, layer_norm, rms_norm
@@ -70,6 +71,7 @@ __all__ = [
     "backends",
     "conv_epilogue",
     "convert",
+    "decode_linear",
     "dropout",
     "dropout_add_norm",
     "embedding_with_positions",

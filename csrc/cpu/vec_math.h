@@ -50,7 +50,8 @@ FASTATTN_INLINE To bit_cast(From v) {
   return out;
 }
 
-// e^x in float without branches, so that loops calling it vectorise. Write x = k ln2 + r with k an integer and
+// e^x in float without branches, so that loops calling it vectorise (for AVX2 only with -fno-trapping-math, which
+// setup.py passes: the range checks below become selects). Write x = k ln2 + r with k an integer and
 // |r| <= ln2 / 2; then e^x = 2^k e^r, with e^r = 1 + r + r^2 q(r) and q a degree-4 polynomial fitted for
 // minimax relative error (3.8e-9 with float coefficients, so about 1 ulp after rounding). e^-inf is exactly 0,
 // NaN stays NaN, results below FLT_MIN flush to 0 and x above 88.37 gives +inf (the kernels only pass x <= 0).

@@ -6,7 +6,8 @@ import torch
 import torch.nn.functional as F
 
 import fastattn
-from fastattn.ops.decode_linear import MAX_ROWS, decode_linear
+from fastattn import decode_linear
+from fastattn.ops.decode_linear import MAX_ROWS
 from fastattn.testing import assert_error_ratio
 
 
