@@ -9,7 +9,6 @@ runs such products at a fraction of that bandwidth. Everything else runs ``F.lin
 
 from __future__ import annotations
 
-import functools
 from typing import Optional
 
 import torch
@@ -36,12 +35,7 @@ def _kernel_refusal(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Option
         return "the decode_linear kernel reads a (N, K) weight with unit stride over K and a (N,) bias"
     if x.shape[-1] != weight.shape[1] or not (no_bias or bias.shape[0] == weight.shape[0]):
         return "shapes do not match: F.linear says how"
-    return None if _extension_loads() else backends.extension()[1]
-
-
-@functools.lru_cache(maxsize=None)
-def _extension_loads() -> bool:
-    return backends.extension()[0] is not None
+    return backends.extension()[1]
 
 
 def decode_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
