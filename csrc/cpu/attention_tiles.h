@@ -30,8 +30,8 @@
 // (16 512-bit registers for float on AVX-512); g++ -O3 keeps plain loops over fixed-size local arrays in
 // registers and contracts a * b + c to FMA (on the project's 2-core AMD EPYC the micro-kernel alone runs at
 // about 90 GFLOP/s per core in float, the whole forward at about 90% of that). exp is the branch-free
-// polynomial of the softmax kernel (exp_of), so the softmax loops vectorise too. Without AVX-512 the float GEMM
-// runs micro_kernel_ymm instead, whose 3 x 32 block fits the 16 AVX2 registers. The next key tile's rows are
+// polynomial of the softmax kernel (exp_of), so the softmax loops vectorise too. With AVX2 but no AVX-512 the float
+// GEMM runs gemm_avx2 instead, whose 3 x 32 block fits the 16 AVX2 registers. The next key tile's rows are
 // prefetched. The entry points are compiled for AVX-512, AVX2 + FMA and baseline x86-64 (target_clones); the
 // loader picks the best one this CPU supports. Each task's result depends only on its inputs, so outputs are
 // bitwise the same for any number of threads.
@@ -182,61 +182,11 @@ inline bool cpu_has_avx2() {
   return has;
 }
 
-// The float GEMM for CPUs without AVX-512, whose 16 256-bit registers cannot hold micro_kernel's 4 x 64 sums:
-// kYmmRows rows x (NV * 16) columns of sums, NV <= 2, in explicit 8-float vectors (about twice the throughput of
-// micro_kernel compiled for AVX2), with micro_kernel's results bit for bit (the same sums in the same order).
-#pragma GCC diagnostic ignored "-Wpsabi"  // Ymm passes only between forced-inline functions
-typedef float Ymm __attribute__((vector_size(32)));
-constexpr int kYmmRows = 3;
-
-FASTATTN_INLINE Ymm load_ymm(const float* p) {
-  Ymm v;
-  std::memcpy(&v, p, sizeof v);
-  return v;
-}
-
-template <int MR, int NV, bool kScale>
-FASTATTN_INLINE void micro_kernel_ymm(int64_t depth, const float* __restrict a, int64_t a_row, int64_t a_col,
-                                      const float* __restrict b, int64_t ldb, float* __restrict c, int64_t ldc,
-                                      const float* __restrict c_scale) {
-  constexpr int kV = 2 * NV;  // 8-float vectors per row
-  for (int64_t k0 = 0; k0 < depth || k0 == 0; k0 += kDepthBlock) {
-    const int64_t k1 = std::min(depth, k0 + kDepthBlock);
-    Ymm acc[MR][kV] = {};
-    for (int64_t k = k0; k < k1; ++k) {
-      Ymm bk[kV];
-      for (int v = 0; v < kV; ++v) bk[v] = load_ymm(b + k * ldb + 8 * v);
-      for (int i = 0; i < MR; ++i) {
-        const Ymm ai = Ymm{} + a[i * a_row + k * a_col];
-        for (int v = 0; v < kV; ++v) acc[i][v] += ai * bk[v];
-      }
-    }
-    for (int i = 0; i < MR; ++i) {
-      for (int v = 0; v < kV; ++v) {
-        float* ci = c + i * ldc + 8 * v;
-        Ymm out = acc[i][v];
-        if (k0 > 0) {
-          out += load_ymm(ci);
-        } else if constexpr (kScale) {
-          out = load_ymm(ci) * (Ymm{} + c_scale[i]) + out;
-        }
-        std::memcpy(ci, &out, sizeof out);
-      }
-    }
-  }
-}
-
-template <int NV, bool kScale>
-FASTATTN_INLINE void gemm_rows_ymm(int64_t rows, int64_t depth, const float* a, int64_t a_row, int64_t a_col,
-                                   const float* b, int64_t ldb, float* c, int64_t ldc, const float* c_scale) {
-  const auto block = [&](auto micro_rows, int64_t i) FASTATTN_INLINE_LAMBDA {
-    micro_kernel_ymm<decltype(micro_rows)::value, NV, kScale>(depth, a + i * a_row, a_row, a_col, b, ldb,
-                                                              c + i * ldc, ldc, kScale ? c_scale + i : nullptr);
-  };
-  int64_t i = 0;
-  for (; i + kYmmRows <= rows; i += kYmmRows) block(std::integral_constant<int, kYmmRows>{}, i);
-  for (; i < rows; ++i) block(std::integral_constant<int, 1>{}, i);
-}
+// The float GEMM for CPUs with AVX2 but not AVX-512, as gemm below (csrc/cpu/attention_gemm_avx2.cpp, compiled
+// once, for AVX2 + FMA only: the target clones of the kernels call it instead of compiling it three times).
+template <bool kScale>
+void gemm_avx2(int64_t rows, int64_t vectors, int64_t depth, const float* a, int64_t a_row, int64_t a_col,
+               const float* b, int64_t ldb, float* c, int64_t ldc, const float* c_scale);
 #endif
 
 // c (rows, vectors * lanes) = [c_scale * c +] a (rows, depth) b (depth, vectors * lanes): a's element (i, k) at
@@ -247,17 +197,8 @@ FASTATTN_INLINE void gemm(int64_t rows, int64_t vectors, int64_t depth, const C*
                           const C* b, int64_t ldb, C* c, int64_t ldc, const C* c_scale) {
 #if defined(__GNUC__) && defined(__x86_64__)
   if constexpr (std::is_same_v<C, float>) {
-    if (!cpu_has_avx512f()) {
-      for (int64_t n = 0; n < vectors; n += 2) {
-        const float* bn = b + n * kLanes<C>;
-        float* cn = c + n * kLanes<C>;
-        if (vectors - n >= 2) {
-          gemm_rows_ymm<2, kScale>(rows, depth, a, a_row, a_col, bn, ldb, cn, ldc, c_scale);
-        } else {
-          gemm_rows_ymm<1, kScale>(rows, depth, a, a_row, a_col, bn, ldb, cn, ldc, c_scale);
-        }
-      }
-      return;
+    if (!cpu_has_avx512f() && cpu_has_avx2()) {
+      return gemm_avx2<kScale>(rows, vectors, depth, a, a_row, a_col, b, ldb, c, ldc, c_scale);
     }
   }
 #endif

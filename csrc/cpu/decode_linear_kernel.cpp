@@ -12,21 +12,12 @@ namespace fastattn {
 namespace cpu {
 namespace {
 
-// Eight floats: one register in the AVX2 and AVX-512 clones, two in the baseline (SSE) one. Passed only between
-// forced-inline functions, so the baseline's ABI for them (-Wpsabi) never applies.
-#pragma GCC diagnostic ignored "-Wpsabi"
-typedef float Vec8 __attribute__((vector_size(32)));
+using Vec8 = Float8;
 typedef int32_t Lanes8 __attribute__((vector_size(32)));
 constexpr int64_t kLanes = 8;
 constexpr int kSums = 8;  // outputs a tile accumulates: 8 registers, summed across lanes together
 constexpr int kRowBlock = 4;  // rows of x a tile takes at most
 constexpr int64_t kColumnChunk = 32;  // columns whose weight rows stay in cache while every row block reads them
-
-FASTATTN_INLINE Vec8 load(const float* p) {
-  Vec8 v;
-  std::memcpy(&v, p, sizeof v);
-  return v;
-}
 
 // The first n < 8 floats at p, zeros after.
 FASTATTN_INLINE Vec8 load_first(const float* p, int64_t n) {
@@ -68,7 +59,9 @@ FASTATTN_INLINE void tile(const float* x, int64_t ldx, const float* w, int64_t l
     }
   };
   int64_t kk = 0;
-  for (; kk + kLanes <= k; kk += kLanes) add([kk](const float* p) FASTATTN_INLINE_LAMBDA { return load(p + kk); });
+  for (; kk + kLanes <= k; kk += kLanes) {
+    add([kk](const float* p) FASTATTN_INLINE_LAMBDA { return load_float8(p + kk); });
+  }
   if (kk < k) {
     const int64_t rest = k - kk;
     add([kk, rest](const float* p) FASTATTN_INLINE_LAMBDA { return load_first(p + kk, rest); });

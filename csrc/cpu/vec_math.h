@@ -42,6 +42,17 @@ template <class T> struct ComputeType { using type = float; };
 template <> struct ComputeType<double> { using type = double; };
 template <class T> using compute_t = typename ComputeType<T>::type;
 
+// Eight floats: one register in the AVX2 and AVX-512 clones, two in the baseline (SSE) one. Passed only between
+// forced-inline functions, so the baseline's ABI for them (-Wpsabi) never applies.
+#pragma GCC diagnostic ignored "-Wpsabi"
+typedef float Float8 __attribute__((vector_size(32)));
+
+FASTATTN_INLINE Float8 load_float8(const float* p) {
+  Float8 v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+
 template <class To, class From>
 FASTATTN_INLINE To bit_cast(From v) {
   static_assert(sizeof(To) == sizeof(From), "bit_cast needs equal sizes");
