@@ -30,6 +30,7 @@ from fastattn.ops.conv_epilogue import conv_epilogue
 from fastattn.ops.decode_linear import decode_linear
 from fastattn.ops.dropout import dropout
 from fastattn.ops.kvcache import attention_with_kvcache
+from fastattn.ops.linear import linear
 from fastattn.ops.norm import dropout_add_norm, layer_norm, rms_norm
 from fastattn.ops.positional import (
     alibi_slopes,
@@ -77,6 +78,7 @@ __all__ = [
     "embedding_with_positions",
     "layer_norm",
     "learned_positional_encoding",
+    "linear",
     "log_softmax",
     "record",
     "reference",

@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 from fastattn.nn.norm import LayerNorm
 from fastattn.nn.transformer import TransformerEncoder, TransformerEncoderLayer
+from fastattn.ops.linear import module_linear
 from fastattn.ops.norm import dropout_add_norm
 from fastattn.ops.positional import embedding_with_positions
 from fastattn.ops.softmax import log_softmax
@@ -90,7 +91,7 @@ class BertMLM(nn.Module):
         padding = None if attention_mask is None else attention_mask == 0  # (batch, seq), True = padding
         x = self.embeddings(input_ids, token_type_ids)  # (batch, seq, hidden)
         z = self.head.transform(self.encoder(x, src_key_padding_mask=padding))  # (batch, seq, hidden)
-        logits = self.head.decoder(z)  # (batch, seq, vocab_size)
+        logits = module_linear(self.head.decoder, z)  # (batch, seq, vocab_size)
         if labels is None:
             return logits
         return self._loss(z.flatten(0, 1), logits.flatten(0, 1), labels.flatten()), logits
@@ -103,7 +104,7 @@ class BertMLM(nn.Module):
         if not torch.compiler.is_compiling():
             picked = (labels != IGNORE_INDEX).nonzero().squeeze(1)  # on a GPU, one synchronisation
             if 2 * picked.numel() <= labels.numel():
-                logits, labels = self.head.decoder(z[picked]), labels[picked]
+                logits, labels = module_linear(self.head.decoder, z[picked]), labels[picked]
         return F.nll_loss(log_softmax(logits, dim=-1), labels, ignore_index=IGNORE_INDEX)
 
 
@@ -201,11 +202,11 @@ class MaskedLMHead(nn.Module):
         self.decoder = nn.Linear(hidden, vocab_size)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.decoder(self.transform(x))
+        return module_linear(self.decoder, self.transform(x))
 
     def transform(self, x: Tensor) -> Tensor:
         """norm(gelu(dense(x))): the decoder's input, (..., hidden)."""
-        return self.norm(F.gelu(self.dense(x)))
+        return self.norm(F.gelu(module_linear(self.dense, x)))
 
 
 class TorchMaskedLMHead(nn.Module):

@@ -16,7 +16,6 @@ import contextlib
 from collections.abc import Callable, Iterator
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from fastattn.nn.norm import LayerNorm
@@ -30,6 +29,7 @@ from fastattn.nn.transformer import (
 from fastattn.ops.attention import attention
 from fastattn.ops.decode_linear import decode_linear
 from fastattn.ops.kvcache import attention_with_kvcache
+from fastattn.ops.linear import linear, module_linear
 
 NextLogits = Callable[[Tensor], Tensor]  # tokens so far (batch, t) -> logits of the next token (batch, vocab)
 
@@ -128,7 +128,7 @@ class _Seq2SeqBase(torch.nn.Module):
             self.tgt_embed(tgt), memory, tgt_mask=causal, tgt_key_padding_mask=tgt_padding,
             memory_key_padding_mask=memory_padding, tgt_is_causal=True,
         )  # fmt: skip
-        return self.lm_head(hidden)
+        return module_linear(self.lm_head, hidden)
 
     def _generate(
         self, src: Tensor, max_new_tokens: int, temperature: float, top_k: int | None, generator, use_cache: bool
@@ -317,7 +317,7 @@ class _CachedDecoder:
             x = _decoder_layer_step(layer, x, self_kv, cross_kv, self.memory_padding, lengths)
         if self.model.decoder.norm is not None:
             x = self.model.decoder.norm(x)
-        return _linear(self.model.lm_head, x[:, 0])
+        return _step_linear(self.model.lm_head, x[:, 0])
 
 
 def _decoder_layer_step(
@@ -338,7 +338,7 @@ def _decoder_layer_step(
         return _cross_attention(layer.multihead_attn, h, *cross_kv, memory_padding)
 
     def feed_forward(h: Tensor) -> Tensor:
-        return _linear(layer.linear2, layer.activation(_linear(layer.linear1, h)))
+        return _step_linear(layer.linear2, layer.activation(_step_linear(layer.linear1, h)))
 
     if layer.norm_first:
         x = x + self_attention(layer.norm1(x))
@@ -356,14 +356,14 @@ def _self_attention_step(
     qkv = decode_linear(x, attn.in_proj_weight, attn.in_proj_bias).unflatten(-1, (3, attn.num_heads, -1))
     q, k, v = qkv.permute(2, 0, 3, 1, 4)  # each (batch, heads, 1, head_dim)
     out = attention_with_kvcache(q, k_cache, v_cache, lengths, k, v, causal=True)  # (batch, heads, 1, head_dim)
-    return _linear(attn.out_proj, out.transpose(1, 2).flatten(2))
+    return _step_linear(attn.out_proj, out.transpose(1, 2).flatten(2))
 
 
 def _memory_kv(attn: torch.nn.MultiheadAttention, memory: Tensor) -> tuple[Tensor, Tensor]:
     """The cross-attention keys and values of memory (batch, S, E): two (batch, heads, S, head_dim) tensors."""
     e = attn.embed_dim
     bias = None if attn.in_proj_bias is None else attn.in_proj_bias[e:]
-    kv = F.linear(memory, attn.in_proj_weight[e:], bias).unflatten(-1, (2, attn.num_heads, -1))
+    kv = linear(memory, attn.in_proj_weight[e:], bias).unflatten(-1, (2, attn.num_heads, -1))
     k, v = kv.permute(2, 0, 3, 1, 4)
     return k.contiguous(), v.contiguous()  # read at every step
 
@@ -376,16 +376,13 @@ def _cross_attention(
     bias = None if attn.in_proj_bias is None else attn.in_proj_bias[:e]
     q = decode_linear(x, attn.in_proj_weight[:e], bias).unflatten(-1, (attn.num_heads, -1)).transpose(1, 2)
     out = attention(q, k, v, key_padding_mask=memory_padding)  # (batch, heads, 1, head_dim)
-    return _linear(attn.out_proj, out.transpose(1, 2).flatten(2))
+    return _step_linear(attn.out_proj, out.transpose(1, 2).flatten(2))
 
 
-def _linear(linear: torch.nn.Module, x: Tensor) -> Tensor:
-    """``linear(x)`` for a step's few rows: on :func:`fastattn.ops.decode_linear.decode_linear` when ``linear`` runs
-    ``nn.Linear``'s forward and has no forward hooks, else through its own forward (overrides and hooks still run)."""
-    plain = isinstance(linear, torch.nn.Linear) and type(linear).forward is torch.nn.Linear.forward
-    if plain and not (linear._forward_hooks or linear._forward_pre_hooks):
-        return decode_linear(x, linear.weight, linear.bias)
-    return linear(x)
+def _step_linear(module: torch.nn.Module, x: Tensor) -> Tensor:
+    """``module(x)`` for a step's few rows, on :func:`fastattn.ops.decode_linear.decode_linear` where
+    :func:`fastattn.ops.linear.module_linear` allows."""
+    return module_linear(module, x, decode_linear)
 
 
 __all__ = ["Seq2SeqTransformer", "TorchSeq2SeqTransformer"]

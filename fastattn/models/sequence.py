@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from fastattn.nn.norm import LayerNorm
 from fastattn.nn.positional import SinusoidalPositionalEncoding
 from fastattn.nn.transformer import TransformerEncoder, TransformerEncoderLayer
+from fastattn.ops.linear import module_linear
 
 # Rows of the twin's sinusoid table when max_len is None: the tutorial's default.
 TUTORIAL_MAX_LEN = 5000
@@ -73,10 +74,10 @@ class SequenceTransformer(nn.Module):
     def forward(self, x: Tensor, key_padding_mask: Tensor | None = None) -> Tensor:
         """x (batch, seq, input_dim), key_padding_mask (batch, seq) bool or None -> (batch, seq, num_outputs)."""
         check_inputs(type(self).__name__, x, key_padding_mask, self.input_dim)
-        h = self.pos_encoder(self.input_proj(x))  # (batch, seq, d_model)
+        h = self.pos_encoder(module_linear(self.input_proj, x))  # (batch, seq, d_model)
         mask = causal_mask(x.shape[1], x.device) if self.causal else None
         h = self.encoder(h, mask=mask, src_key_padding_mask=key_padding_mask, is_causal=self.causal)
-        return self.head(h)  # (batch, seq, num_outputs)
+        return module_linear(self.head, h)  # (batch, seq, num_outputs)
 
 
 class TorchSequenceTransformer(nn.Module):

@@ -12,6 +12,7 @@ from fastattn import backends
 from fastattn.nn._drop_in import DropIn
 from fastattn.ops._random import dropout_seed_tensor
 from fastattn.ops.attention import run_attention
+from fastattn.ops.linear import linear
 
 
 class MultiheadAttention(DropIn, torch.nn.MultiheadAttention):
@@ -74,7 +75,7 @@ class MultiheadAttention(DropIn, torch.nn.MultiheadAttention):
             out = out.permute(2, 0, 1, 3).reshape(seq_q, batch, self.embed_dim)  # (L, N, E)
         else:
             out = out.transpose(1, 2).reshape(batch, seq_q, self.embed_dim)  # (N, L, E)
-        out = F.linear(out, self.out_proj.weight, self.out_proj.bias)
+        out = linear(out, self.out_proj.weight, self.out_proj.bias)
         return (out if is_batched else out.squeeze(0)), None
 
     def _attend(self, query, key, value, key_padding_mask, attn_mask, is_causal) -> Tensor:
@@ -121,21 +122,21 @@ class MultiheadAttention(DropIn, torch.nn.MultiheadAttention):
         heads, embed = self.num_heads, self.embed_dim
         w, b = self.in_proj_weight, self.in_proj_bias
         if self._qkv_same_embed_dim and query is key and key is value:
-            qkv = F.linear(query, w, b).unflatten(-1, (3, heads, -1))  # (N, L, 3, H, D)
+            qkv = linear(query, w, b).unflatten(-1, (3, heads, -1))  # (N, L, 3, H, D)
             return tuple(t.transpose(1, 2) for t in qkv.unbind(2))  # unbind: its backward is one stack
         if self._qkv_same_embed_dim:
             w_q, w_kv = w.split([embed, 2 * embed])
             b_q, b_kv = (None, None) if b is None else b.split([embed, 2 * embed])
             if key is value:
-                q = F.linear(query, w_q, b_q)
-                k, v = F.linear(key, w_kv, b_kv).unflatten(-1, (2, heads, -1)).unbind(2)  # (N, S, H, D) each
+                q = linear(query, w_q, b_q)
+                k, v = linear(key, w_kv, b_kv).unflatten(-1, (2, heads, -1)).unbind(2)  # (N, S, H, D) each
                 return _heads(q, heads), k.transpose(1, 2), v.transpose(1, 2)
             weights = w.chunk(3)
         else:
             weights = (self.q_proj_weight, self.k_proj_weight, self.v_proj_weight)
         biases = (None,) * 3 if b is None else b.chunk(3)
         return tuple(
-            _heads(F.linear(x, wi, bi), heads) for x, wi, bi in zip((query, key, value), weights, biases, strict=True)
+            _heads(linear(x, wi, bi), heads) for x, wi, bi in zip((query, key, value), weights, biases, strict=True)
         )
 
 

@@ -4,7 +4,7 @@
 Each subclasses its torch.nn twin, so the constructor, parameters, initialisation, ``state_dict`` keys and forward
 arguments are torch's; only the computation changes: attention runs in the fused kernel
 (:class:`fastattn.MultiheadAttention`) and each residual add, its dropout and the LayerNorm that follows run as one
-kernel (:func:`fastattn.dropout_add_norm`).
+kernel (:func:`fastattn.dropout_add_norm`); the linears run :func:`fastattn.linear`.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from torch import Tensor
 from fastattn.nn.attention import check_mask_dtype
 from fastattn.nn.norm import LayerNorm
 from fastattn.ops.dropout import dropout as fused_dropout
+from fastattn.ops.linear import module_linear
 from fastattn.ops.norm import dropout_add_norm
 
 
@@ -49,10 +50,10 @@ def _dropout(x: Tensor, dropout: torch.nn.Module) -> Tensor:
 def _feed_forward(layer: torch.nn.Module, x: Tensor) -> Tensor:
     """``linear2(dropout(activation(linear1(x))))`` of a layer (its dropout of the result joins the next add);
     ReLU in place when no gradient is recorded (with one, autograd would copy linear1's output view back)."""
-    h = layer.linear1(x)
+    h = module_linear(layer.linear1, x)
     relu = layer.activation is torch.nn.functional.relu or isinstance(layer.activation, torch.nn.ReLU)
     h = torch.relu_(h) if relu and not torch.is_grad_enabled() else layer.activation(h)
-    return layer.linear2(_dropout(h, layer.dropout))
+    return module_linear(layer.linear2, _dropout(h, layer.dropout))
 
 
 class TransformerEncoderLayer(torch.nn.TransformerEncoderLayer):

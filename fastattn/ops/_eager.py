@@ -17,7 +17,7 @@ from torch import Tensor
 _PLAIN_TENSORS = (Tensor, torch.nn.Parameter)
 
 
-def _plain_eager(args) -> bool:
+def plain_eager(args) -> bool:
     """True for a call outside torch.compile/export tracing, under no dispatch mode, on plain tensors only."""
     if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack():
         return False
@@ -42,7 +42,7 @@ class EagerOp:
         self.function = None if backward is None else _autograd_function(impl, setup_context, backward)
 
     def __call__(self, *args):
-        if not _plain_eager(args):
+        if not plain_eager(args):
             return self.op(*args)
         if torch.is_grad_enabled() and _needs_grad(args):  # without autograd, the op says what a backward would
             return self.op(*args) if self.function is None else self.function.apply(*args)

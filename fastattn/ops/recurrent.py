@@ -24,6 +24,7 @@ from torch.compiler import is_compiling as compiling
 from fastattn import backends, reference
 from fastattn.ops._eager import EagerOp
 from fastattn.ops.dropout import dropout
+from fastattn.ops.linear import CpuLinear, cpu_ops
 from fastattn.ops.norm import layer_norm
 
 KINDS = tuple(reference.RECURRENT_GATES)
@@ -223,13 +224,9 @@ run_recurrent = EagerOp(recurrent_op, _recurrent, _setup_context, _backward)
 
 
 # ---------------------------------------------------------------------------------------------------------
-# fastattn_C's CPU-only ops that the layers call directly rather than through a fastattn:: op. Their fake kernels,
-# registered on first use, let fake tensors (FakeTensorMode) pass through them.
+# fastattn_C's CPU-only op recurrent_inference, called directly rather than through a fastattn:: op. Its fake kernel,
+# registered on first use, lets fake tensors (FakeTensorMode) pass through it.
 # ---------------------------------------------------------------------------------------------------------
-
-
-def _recurrent_matmul_fake(a: Tensor, b: Tensor, bias: Optional[Tensor] = None) -> Tensor:
-    return a.new_empty(a.shape[0], b.shape[1])
 
 
 def _recurrent_inference_fake(kind: int, x: Tensor, w_ih: Tensor, b_ih, h0: Tensor, c0, w_hh: Tensor, *_, **__):
@@ -244,47 +241,22 @@ _fakes_registered = False
 
 
 def _cpu_ops():
-    """torch.ops.fastattn_C, with the fake kernels above registered on the first call (the extension must load)."""
+    """torch.ops.fastattn_C, with the fake kernels of recurrent_inference and (fastattn.ops.linear)
+    recurrent_matmul registered on the first call (the extension must load)."""
     global _fakes_registered
+    ops = cpu_ops()
     with _FAKES_LOCK:
         if not _fakes_registered:
-            module, reason = backends.extension()
-            if module is None:
-                raise RuntimeError(reason)
-            torch.library.register_fake("fastattn_C::recurrent_matmul", _recurrent_matmul_fake)
             torch.library.register_fake("fastattn_C::recurrent_inference", _recurrent_inference_fake)
             _fakes_registered = True
-    return torch.ops.fastattn_C
+    return ops
 
 
 # ---------------------------------------------------------------------------------------------------------
 # The input projections of every step: one matmul. On the CPU in float32 through fastattn_C's recurrent_matmul (the
-# packed AVX-512 step GEMM, else or for large ones on Intel CPUs oneDNN), which has no autograd formula of its own:
-# _CpuProjection gives it one.
+# packed AVX-512 step GEMM, else or for large ones on Intel CPUs oneDNN), with fastattn.ops.linear.CpuLinear's
+# autograd formula.
 # ---------------------------------------------------------------------------------------------------------
-
-
-class _CpuProjection(torch.autograd.Function):
-    @staticmethod
-    def forward(x: Tensor, w: Tensor, b: Optional[Tensor]) -> Tensor:
-        out = _cpu_ops().recurrent_matmul(x.flatten(0, -2), w.t(), b)
-        return out.view(*x.shape[:-1], w.shape[0])
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        x, w, _ = inputs
-        ctx.save_for_backward(x, w)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):
-        x, w = ctx.saved_tensors
-        grad_2d = grad.flatten(0, -2)
-        grad_x = None
-        if ctx.needs_input_grad[0]:
-            grad_x = _cpu_ops().recurrent_matmul(grad_2d, w, None).view(x.shape)
-        grad_w = grad_2d.t().mm(x.flatten(0, -2)) if ctx.needs_input_grad[1] else None
-        grad_b = grad_2d.sum(0) if ctx.needs_input_grad[2] else None
-        return grad_x, grad_w, grad_b
 
 
 def _input_projection(x: Tensor, w: Tensor, b: Optional[Tensor]) -> Tensor:
@@ -292,7 +264,7 @@ def _input_projection(x: Tensor, w: Tensor, b: Optional[Tensor]) -> Tensor:
     # Compiled graphs keep F.linear, which Inductor lowers itself.
     cpu_float32 = x.device.type == "cpu" and x.dtype == w.dtype == torch.float32
     if cpu_float32 and not compiling() and backends.extension()[0] is not None:
-        return _CpuProjection.apply(x, w, b)
+        return CpuLinear.apply(x, w, b)
     return F.linear(x, w, b)
 
 

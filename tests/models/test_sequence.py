@@ -41,9 +41,9 @@ def _pair(direction, dtype=torch.float64, **config):
     return ours, twin
 
 
-def _inputs(dtype=torch.float64):
-    x = torch.randn(BATCH, SEQ, INPUT_DIM, dtype=dtype, requires_grad=True)
-    padding = torch.zeros(BATCH, SEQ, dtype=torch.bool)
+def _inputs(dtype=torch.float64, seq=SEQ):
+    x = torch.randn(BATCH, seq, INPUT_DIM, dtype=dtype, requires_grad=True)
+    padding = torch.zeros(BATCH, seq, dtype=torch.bool)
     padding[1, -4:] = True  # right padding
     padding[2, :2] = True  # left padding: with causal=True, steps 0 and 1 see no key (attention output 0)
     return x, padding
@@ -132,10 +132,27 @@ LOW_PRECISION = [
 def test_low_precision_within_the_error_ratio_of_torch(config, device, dtype):
     """Against the float64 twin on the CPU, ours may err at most twice (gradients: three times) as much as the
     twin in the same dtype and device. bfloat16 compares outputs only."""
+    _check_error_ratio(config, device, dtype, SEQ)
+
+
+def test_float32_linears_on_the_packed_gemm_within_the_error_ratio(monkeypatch):
+    """BATCH * 171 >= 512 rows and d_model 64: the encoder's linears (attention projections, feed-forward) run
+    fastattn.linear's packed GEMM where the CPU has one (FASTATTN_CPU_STEP_GEMM=1), within the error-ratio rule
+    forward and backward; the narrow input projection and head run F.linear."""
+    monkeypatch.setenv("FASTATTN_CPU_STEP_GEMM", "1")
+    if not fastattn.backends.extension()[0].build_info()["cpu_step_gemm"]:
+        pytest.skip("this CPU has no AVX-512F: the packed GEMM cannot run here")
+    with fastattn.record() as calls:
+        _check_error_ratio(dict(norm_first=True, causal=True, d_model=64, nhead=4, dim_feedforward=96), "cpu",
+                           torch.float32, 171)  # fmt: skip
+    assert sum(c.op == "linear" and c.backend == "cpu" for c in calls) == 4 * 2  # 4 a layer
+
+
+def _check_error_ratio(config, device, dtype, seq):
     ours, twin = (model.to(device) for model in _pair("ours_to_twin", dtype, **config))
     truth_model = _build(TorchSequenceTransformer, 9, **config)
     truth_model.load_state_dict(ours.state_dict())  # the rounded values, held in float64
-    x, padding = _inputs()
+    x, padding = _inputs(seq=seq)
     padding[:, 0] = False  # every step sees a key (torch's GPU kernels need not give a keyless step 0)
     x_low = x.detach().to(device, dtype).requires_grad_()
     x = x_low.detach().cpu().double().requires_grad_()
