@@ -82,3 +82,7 @@ def test_info_tells_the_truth():
     output = subprocess.run([sys.executable, "-m", "fastattn.info"], capture_output=True, text=True, check=True).stdout
     assert f"torch {torch.__version__}" in output
     assert "reference  available" in output
+    if module is not None:  # the line on fastattn.linear says what its calls do
+        from fastattn.ops.linear import _kernel_available  # noqa: PLC0415
+
+        assert ("fastattn.linear: float32 CPU products of 512+ rows on the AVX-512" in output) == _kernel_available()
