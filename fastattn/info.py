@@ -8,6 +8,7 @@ import torch
 
 import fastattn
 from fastattn import backends
+from fastattn.ops import linear
 
 
 def _triton_version() -> str:
@@ -59,9 +60,9 @@ def main() -> None:
         gemm = (f"the AVX-512 step GEMM{large} (FASTATTN_CPU_STEP_GEMM=0 turns it off)" if ext["cpu_step_gemm"]
                 else "oneDNN / ATen's mm (not the AVX-512 step GEMM: no AVX-512F, or FASTATTN_CPU_STEP_GEMM=0)")
         print(f"CPU recurrent steps multiply on {gemm}")
-        packed = ext["cpu_step_gemm"] and ext["cpu_step_gemm_large"]
         print("fastattn.linear: float32 CPU products of 512+ rows on " +
-              ("the AVX-512 step GEMM" if packed else "F.linear (the step GEMM does not take large products here)"))
+              ("the AVX-512 step GEMM" if linear.kernel_available()
+               else "F.linear (the step GEMM does not take large products here)"))
     for device, statuses in info["backends"].items():
         print(f"\n{device} tensors, in priority order:")
         for name, why in statuses.items():

@@ -10,6 +10,7 @@ import fastattn
 import fastattn.info as fastattn_info
 from fastattn import backends
 from fastattn.ops import softmax as softmax_op
+from fastattn.ops.linear import kernel_available
 
 
 def test_default_cpu_choice_is_the_cpp_kernel():
@@ -83,6 +84,4 @@ def test_info_tells_the_truth():
     assert f"torch {torch.__version__}" in output
     assert "reference  available" in output
     if module is not None:  # the line on fastattn.linear says what its calls do
-        from fastattn.ops.linear import _kernel_available  # noqa: PLC0415
-
-        assert ("fastattn.linear: float32 CPU products of 512+ rows on the AVX-512" in output) == _kernel_available()
+        assert ("fastattn.linear: float32 CPU products of 512+ rows on the AVX-512" in output) == kernel_available()

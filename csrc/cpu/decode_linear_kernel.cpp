@@ -12,7 +12,6 @@ namespace fastattn {
 namespace cpu {
 namespace {
 
-using Vec8 = Float8;
 typedef int32_t Lanes8 __attribute__((vector_size(32)));
 constexpr int64_t kLanes = 8;
 constexpr int kSums = 8;  // outputs a tile accumulates: 8 registers, summed across lanes together
@@ -20,19 +19,19 @@ constexpr int kRowBlock = 4;  // rows of x a tile takes at most
 constexpr int64_t kColumnChunk = 32;  // columns whose weight rows stay in cache while every row block reads them
 
 // The first n < 8 floats at p, zeros after.
-FASTATTN_INLINE Vec8 load_first(const float* p, int64_t n) {
-  Vec8 v = {};
+FASTATTN_INLINE Float8 load_first(const float* p, int64_t n) {
+  Float8 v = {};
   std::memcpy(&v, p, n * sizeof(float));
   return v;
 }
 
 // Lane j of the result: the sum of v[j]'s lanes. Three rounds, each adding two shuffles of pairs of vectors, halve
 // the lanes per sum (in-lane shuffles for the first two, one 128-bit swap for the last).
-FASTATTN_INLINE Vec8 lane_sums(const Vec8 (&v)[kSums]) {
+FASTATTN_INLINE Float8 lane_sums(const Float8 (&v)[kSums]) {
   const Lanes8 even = {0, 8, 2, 10, 4, 12, 6, 14}, odd = {1, 9, 3, 11, 5, 13, 7, 15};
   const Lanes8 low_pairs = {0, 1, 8, 9, 4, 5, 12, 13}, high_pairs = {2, 3, 10, 11, 6, 7, 14, 15};
   const Lanes8 low_half = {0, 1, 2, 3, 8, 9, 10, 11}, high_half = {4, 5, 6, 7, 12, 13, 14, 15};
-  Vec8 twos[4], fours[2];
+  Float8 twos[4], fours[2];
   for (int p = 0; p < 4; ++p) {
     twos[p] = __builtin_shuffle(v[2 * p], v[2 * p + 1], even) + __builtin_shuffle(v[2 * p], v[2 * p + 1], odd);
   }
@@ -49,12 +48,12 @@ template <int kRows, int kCols>
 FASTATTN_INLINE void tile(const float* x, int64_t ldx, const float* w, int64_t ldw, int64_t k, const float* bias,
                           float* y, int64_t ldy) {
   static_assert(kRows * kCols <= kSums, "a tile has kSums accumulators");
-  Vec8 acc[kSums] = {};
+  Float8 acc[kSums] = {};
   const auto add = [&](auto load_at) FASTATTN_INLINE_LAMBDA {
-    Vec8 xv[kRows];
+    Float8 xv[kRows];
     for (int i = 0; i < kRows; ++i) xv[i] = load_at(x + i * ldx);
     for (int j = 0; j < kCols; ++j) {
-      const Vec8 wv = load_at(w + j * ldw);
+      const Float8 wv = load_at(w + j * ldw);
       for (int i = 0; i < kRows; ++i) acc[i * kCols + j] += xv[i] * wv;
     }
   };
@@ -66,7 +65,7 @@ FASTATTN_INLINE void tile(const float* x, int64_t ldx, const float* w, int64_t l
     const int64_t rest = k - kk;
     add([kk, rest](const float* p) FASTATTN_INLINE_LAMBDA { return load_first(p + kk, rest); });
   }
-  const Vec8 sums = lane_sums(acc);
+  const Float8 sums = lane_sums(acc);
   for (int i = 0; i < kRows; ++i) {
     for (int j = 0; j < kCols; ++j) {
       y[i * ldy + j] = bias == nullptr ? sums[i * kCols + j] : sums[i * kCols + j] + bias[j];

@@ -93,7 +93,7 @@ class CpuLinear(torch.autograd.Function):
 _availability: dict[Optional[str], bool] = {}
 
 
-def _kernel_available() -> bool:
+def kernel_available() -> bool:
     """The extension loads and its packed GEMM takes large products on this CPU (AVX-512F and not Intel, or
     FASTATTN_CPU_STEP_GEMM=1; =0 turns it off): ``python -m fastattn.info`` says which."""
     setting = os.environ.get("FASTATTN_CPU_STEP_GEMM")  # read each call, as the extension does
@@ -121,7 +121,7 @@ def _refusal(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Optional[str]
         return "the kernel takes a float32 CPU bias of shape (N,)"
     if not plain_eager((x, weight, bias)) or torch._C._are_functorch_transforms_active():
         return "traced, subclassed or transformed calls run F.linear"
-    if not _kernel_available():
+    if not kernel_available():
         return "no packed GEMM for large products on this CPU (python -m fastattn.info)"
     return None
 
